@@ -1,0 +1,668 @@
+"""Small Vision Transformers, registered in timm as the ``smallvit*`` family.
+
+``smallvit`` is the Vision Transformer of the "Vision Transformers" chapter of Dive into Deep Learning
+(d2l.ai, section 11.8), written with timm's layers. An image goes through these parts:
+
+    PatchEmbed    conv with kernel = stride = patch size, with bias        (B, C, H, W) -> (B, N, D)
+    prefix        class token, then a learnable position embedding for N + 1 tokens, then dropout
+    Block x depth pre-norm:  x = x + Attention(LayerNorm(x));  x = x + Mlp(LayerNorm(x))
+      Attention   fused q/k/v projection and output projection, both without bias; dropout on attention weights
+      Mlp         Linear -> GELU -> dropout -> Linear -> dropout, both linear layers with bias
+    head          LayerNorm, class token (or mean of patch tokens), Linear to the classes
+
+The state dict uses the key names and shapes of timm's ``VisionTransformer``, so weights move either way: the seed
+is ``VisionTransformer(qkv_bias=False, norm_layer=partial(LayerNorm, eps=1e-5))`` with its attention output
+projection bias at zero. See :func:`to_vision_transformer` and :func:`checkpoint_filter_fn`.
+"""
+
+from functools import partial
+from typing import Any
+
+import torch
+import torch.nn as nn
+from timm.layers import (
+    Attention,
+    DropPath,
+    LayerNorm,
+    Mlp,
+    PatchEmbed,
+    calculate_drop_path_rates,
+    register_notrace_function,
+    resample_abs_pos_embed,
+    trunc_normal_,
+)
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._input import update_model_args, update_model_input_size
+from timm.models._manipulate import checkpoint, checkpoint_seq, named_apply
+from timm.models.vision_transformer import (
+    VisionTransformer,
+    global_pool_nlc,
+    init_weights_vit_timm,
+)
+from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
+from torch.jit import Final
+
+__all__ = ['SmallViT', 'checkpoint_filter_fn', 'convert_d2l_state_dict', 'to_vision_transformer']
+
+POOL_TYPES = ('token', 'avg', 'max', 'avgmax', '')
+POOL_ALIASES = {'cls': 'token', 'mean': 'avg'}
+
+
+def resolve_global_pool(global_pool: str | None, class_token: bool) -> str:
+    """Map a pooling name (or an alias) to timm's name, defaulting to the class token when there is one."""
+    if global_pool is None:
+        return 'token' if class_token else 'avg'
+    pool = POOL_ALIASES.get(global_pool, global_pool)
+    if pool not in POOL_TYPES:
+        raise ValueError(
+            f"Unknown global_pool {global_pool!r}. Valid: 'token' (alias 'cls'), 'avg' (alias 'mean'), "
+            f"'max', 'avgmax', or '' for no pooling."
+        )
+    if pool == 'token' and not class_token:
+        raise ValueError("global_pool='token' needs a class token: use class_token=True or global_pool='avg'.")
+    return pool
+
+
+@register_notrace_function  # a leaf for fx: its checks run on real shapes, not proxies
+def check_input(x: torch.Tensor, in_chans: int, img_size: tuple[int, int] | None, strict_img_size: bool) -> None:
+    """Say what input was expected and how to fix it, before conv or patch errors that name neither."""
+    torch._assert(
+        x.dim() == 4,
+        f'Expected an image batch of shape (batch, {in_chans}, height, width), got {x.dim()} dimensions.',
+    )
+    torch._assert(
+        x.shape[1] == in_chans,
+        f'Expected {in_chans} input channel(s), got {x.shape[1]}. Create the model with '
+        f'in_chans={x.shape[1]} (pretrained patch weights are adapted) or convert the images.',
+    )
+    if strict_img_size and img_size is not None:
+        torch._assert(
+            x.shape[2] == img_size[0] and x.shape[3] == img_size[1],
+            f'Expected {img_size[0]}x{img_size[1]} images, got {x.shape[2]}x{x.shape[3]}. Resize them, or '
+            f'create the model with img_size={x.shape[2]} or dynamic_img_size=True.',
+        )
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block of the seed: attention without projection biases, MLP with them."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        proj_bias: bool = False,
+        proj_drop: float = 0.0,
+        attn_drop: float = 0.0,
+        drop_path: float = 0.0,
+        norm_eps: float = 1e-5,
+    ) -> None:
+        """
+        Args:
+            dim: Token width.
+            num_heads: Attention heads; dim must divide evenly.
+            mlp_ratio: MLP hidden width over dim.
+            qkv_bias: Bias on the q/k/v projection (the seed has none).
+            proj_bias: Bias on the attention output projection (the seed has none).
+            proj_drop: Dropout after each MLP linear layer.
+            attn_drop: Dropout on the attention weights.
+            drop_path: Stochastic depth rate of both residual branches.
+            norm_eps: LayerNorm epsilon.
+        """
+        super().__init__()
+        self.norm1 = LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.attn(self.norm1(x)))
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x
+
+
+class SmallViT(nn.Module):
+    """Vision Transformer for small images, the seed model of d2l.ai's chapter 11.8 in timm's terms."""
+
+    dynamic_img_size: Final[bool]
+
+    def __init__(
+        self,
+        img_size: int | tuple[int, int] = 96,
+        patch_size: int | tuple[int, int] = 16,
+        in_chans: int = 1,
+        num_classes: int = 10,
+        global_pool: str | None = None,
+        embed_dim: int = 512,
+        depth: int = 2,
+        num_heads: int = 8,
+        mlp_ratio: float = 4.0,
+        qkv_bias: bool = False,
+        proj_bias: bool = False,
+        class_token: bool = True,
+        fc_norm: bool | None = None,
+        norm_eps: float = 1e-5,
+        dynamic_img_size: bool = False,
+        dynamic_img_pad: bool = False,
+        drop_rate: float = 0.0,
+        pos_drop_rate: float = 0.0,
+        proj_drop_rate: float = 0.0,
+        attn_drop_rate: float = 0.0,
+        drop_path_rate: float = 0.0,
+        fused_attn: bool | None = None,
+        weight_init: str = '',
+    ) -> None:
+        """
+        Args:
+            img_size: Input image size.
+            patch_size: Patch size (the patch embedding's kernel and stride).
+            in_chans: Input image channels.
+            num_classes: Classifier outputs; 0 for a model that returns pooled features.
+            global_pool: 'token' (class token, alias 'cls'), 'avg' (mean of patch tokens, alias 'mean'), 'max',
+                'avgmax', or '' for none. Default: 'token' with a class token, else 'avg'.
+            embed_dim: Token width.
+            depth: Number of transformer blocks.
+            num_heads: Attention heads per block.
+            mlp_ratio: MLP hidden width over embed_dim.
+            qkv_bias: Bias on the q/k/v projection.
+            proj_bias: Bias on the attention output projection.
+            class_token: Prepend a class token.
+            fc_norm: Put the final LayerNorm after pooling instead of before; default on for mean/max pooling,
+                as in timm.
+            norm_eps: LayerNorm epsilon.
+            dynamic_img_size: Accept any image size divisible by the patch size, resampling the position
+                embedding on the fly.
+            dynamic_img_pad: Pad images up to a multiple of the patch size.
+            drop_rate: Dropout before the classifier.
+            pos_drop_rate: Dropout after adding the position embedding.
+            proj_drop_rate: Dropout after each MLP linear layer.
+            attn_drop_rate: Dropout on the attention weights.
+            drop_path_rate: Stochastic depth rate, rising linearly to this value over the blocks.
+            fused_attn: Use F.scaled_dot_product_attention (True) or the explicit softmax path (False);
+                None takes timm's global setting (fused unless TIMM_FUSED_ATTN=0).
+            weight_init: '' for timm's ViT init, 'skip' to leave PyTorch's defaults.
+        """
+        super().__init__()
+        global_pool = resolve_global_pool(global_pool, class_token)
+        use_fc_norm = global_pool in ('avg', 'max', 'avgmax') if fc_norm is None else fc_norm
+
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
+        self.num_prefix_tokens = 1 if class_token else 0
+        self.has_class_token = class_token
+        self.no_embed_class = False  # the position embedding covers the class token, as in the seed
+        self.dynamic_img_size = dynamic_img_size
+        self.grad_checkpointing = False
+
+        embed_args: dict[str, Any] = {}
+        if dynamic_img_size:
+            # keep the patch grid (NHWC) until the position embedding is resampled to it
+            embed_args.update(strict_img_size=False, output_fmt='NHWC')
+        self.patch_embed = PatchEmbed(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            embed_dim=embed_dim,
+            dynamic_img_pad=dynamic_img_pad,
+            **embed_args,
+        )
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
+        self.pos_drop = nn.Dropout(pos_drop_rate)
+
+        dpr = calculate_drop_path_rates(drop_path_rate, depth)
+        self.blocks = nn.Sequential(
+            *[
+                Block(
+                    embed_dim,
+                    num_heads,
+                    mlp_ratio=mlp_ratio,
+                    qkv_bias=qkv_bias,
+                    proj_bias=proj_bias,
+                    proj_drop=proj_drop_rate,
+                    attn_drop=attn_drop_rate,
+                    drop_path=dpr[i],
+                    norm_eps=norm_eps,
+                )
+                for i in range(depth)
+            ]
+        )
+        if fused_attn is not None:
+            self.set_fused_attn(fused_attn)
+        reduction = self.patch_embed.feat_ratio()
+        self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
+
+        self.norm = LayerNorm(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
+        self.fc_norm = LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
+        self.head_drop = nn.Dropout(drop_rate)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+        if weight_init not in ('', 'skip'):
+            raise ValueError(f"Unknown weight_init {weight_init!r}; valid: '' (timm's ViT init) or 'skip'.")
+        if weight_init != 'skip':
+            self.init_weights()
+
+    def init_weights(self) -> None:
+        """timm's ViT init: truncated normal (std 0.02) for linear layers and the position embedding."""
+        trunc_normal_(self.pos_embed, std=0.02)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+        named_apply(partial(init_weights_vit_timm, needs_reset=False), self)
+
+    @torch.jit.ignore
+    def set_fused_attn(self, enable: bool = True) -> None:
+        """Switch every block between fused attention and the explicit softmax path (same results)."""
+        for block in self.blocks:
+            block.attn.fused_attn = enable
+
+    @torch.jit.ignore
+    def no_weight_decay(self) -> set[str]:
+        return {'pos_embed', 'cls_token'}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
+        return dict(
+            stem=r'^cls_token|pos_embed|patch_embed',
+            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
+        )
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        """Replace the classifier (num_classes=0 removes it) and optionally the pooling.
+
+        The final norm keeps its place (before or after pooling) from construction, as in timm.
+        """
+        if global_pool is not None:
+            self.global_pool = resolve_global_pool(global_pool, self.has_class_token)  # raises before any change
+            update_model_args(self, fc_norm=not isinstance(self.fc_norm, nn.Identity))
+        self.num_classes = num_classes
+        device, dtype = self.pos_embed.device, self.pos_embed.dtype
+        self.head = (
+            nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
+        )
+        self.head.train(self.training)
+
+    @torch.jit.ignore
+    def set_input_size(
+        self,
+        img_size: tuple[int, int] | None = None,
+        patch_size: tuple[int, int] | None = None,
+    ) -> None:
+        """Change the input size (and patch size), resampling the position embedding to the new grid."""
+        prev_grid_size = self.patch_embed.grid_size
+        self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
+        new_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
+        if new_tokens != self.pos_embed.shape[1] or self.patch_embed.grid_size != prev_grid_size:
+            self.pos_embed = nn.Parameter(
+                resample_abs_pos_embed(
+                    self.pos_embed,
+                    new_size=self.patch_embed.grid_size,
+                    old_size=prev_grid_size,
+                    num_prefix_tokens=self.num_prefix_tokens,
+                ),
+                requires_grad=self.pos_embed.requires_grad,
+            )
+        update_model_input_size(self, self.patch_embed.img_size, patch_size=patch_size)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dynamic_img_size:
+            B, H, W, C = x.shape
+            pos_embed = resample_abs_pos_embed(
+                self.pos_embed,
+                new_size=(H, W),
+                old_size=self.patch_embed.grid_size,
+                num_prefix_tokens=self.num_prefix_tokens,
+            )
+            x = x.view(B, -1, C)
+        else:
+            pos_embed = self.pos_embed
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
+        return self.pos_drop(x + pos_embed)
+
+    def forward_intermediates(
+        self,
+        x: torch.Tensor,
+        indices: int | list[int] | None = None,
+        return_prefix_tokens: bool = False,
+        norm: bool = False,
+        stop_early: bool = False,
+        output_fmt: str = 'NCHW',
+        intermediates_only: bool = False,
+    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
+        """Forward features, also returning the outputs of the chosen blocks.
+
+        Args:
+            x: Input images.
+            indices: Take the last n blocks if an int, all if None, else the listed indices.
+            return_prefix_tokens: Return (spatial, prefix) pairs for each intermediate.
+            norm: Apply the final norm to each intermediate.
+            stop_early: Stop after the last block wanted.
+            output_fmt: 'NCHW' (feature maps) or 'NLC' (tokens).
+            intermediates_only: Return only the intermediates.
+        """
+        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
+        reshape = output_fmt == 'NCHW'
+        intermediates = []
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+
+        check_input(x, self.in_chans, self.patch_embed.img_size, self.patch_embed.strict_img_size)
+        B, _, height, width = x.shape
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)
+        if torch.jit.is_scripting() or not stop_early:  # blocks can't be sliced in torchscript
+            blocks = self.blocks
+        else:
+            blocks = self.blocks[: max_index + 1]
+        for i, blk in enumerate(blocks):
+            if self.grad_checkpointing and not torch.jit.is_scripting():
+                x = checkpoint(blk, x)
+            else:
+                x = blk(x)
+            if i in take_indices:
+                intermediates.append(self.norm(x) if norm else x)
+
+        if self.num_prefix_tokens:
+            prefix_tokens = [y[:, 0 : self.num_prefix_tokens] for y in intermediates]
+            intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
+        else:
+            prefix_tokens = None
+        if reshape:
+            H, W = self.patch_embed.dynamic_feat_size((height, width))
+            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
+        if not torch.jit.is_scripting() and return_prefix_tokens and prefix_tokens is not None:
+            intermediates = list(zip(intermediates, prefix_tokens, strict=True))
+
+        if intermediates_only:
+            return intermediates
+        x = self.norm(x)
+        return x, intermediates
+
+    @torch.jit.ignore
+    def prune_intermediate_layers(
+        self,
+        indices: int | list[int] = 1,
+        prune_norm: bool = False,
+        prune_head: bool = True,
+    ) -> list[int]:
+        """Drop the blocks (and optionally norm and head) that the chosen intermediates don't need."""
+        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
+        self.blocks = self.blocks[: max_index + 1]
+        if prune_norm:
+            self.norm = nn.Identity()
+        if prune_head:
+            self.fc_norm = nn.Identity()
+            self.reset_classifier(0, '')
+        return take_indices
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_chans, self.patch_embed.img_size, self.patch_embed.strict_img_size)
+        x = self.patch_embed(x)  # (B, N, D), or (B, H', W', D) with dynamic_img_size
+        x = self._pos_embed(x)  # (B, 1 + N, D)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x)
+
+    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
+        pool_type = self.global_pool if pool_type is None else pool_type
+        return global_pool_nlc(x, pool_type=pool_type, num_prefix_tokens=self.num_prefix_tokens)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = self.pool(x)  # (B, D)
+        x = self.fc_norm(x)
+        x = self.head_drop(x)
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.forward_features(x)
+        return self.forward_head(x)
+
+
+# Dive into Deep Learning's ViT (d2l.ai 11.8) names its parameters differently; a one-to-one rename suffices.
+D2L_KEY_MAP = {
+    'patch_embedding.conv.weight': 'patch_embed.proj.weight',
+    'patch_embedding.conv.bias': 'patch_embed.proj.bias',
+    'cls_token': 'cls_token',
+    'pos_embedding': 'pos_embed',
+    'head.0.weight': 'norm.weight',
+    'head.0.bias': 'norm.bias',
+    'head.1.weight': 'head.weight',
+    'head.1.bias': 'head.bias',
+}
+D2L_BLOCK_KEY_MAP = {
+    'ln1': 'norm1',
+    'ln2': 'norm2',
+    'attention.W_o': 'attn.proj',
+    'mlp.dense1': 'mlp.fc1',
+    'mlp.dense2': 'mlp.fc2',
+}
+
+
+def convert_d2l_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Rename a d2l.ai ViT state dict to smallvit keys; W_q, W_k, W_v stack into one qkv weight.
+
+    d2l key                                  smallvit key
+    patch_embedding.conv.{weight,bias}       patch_embed.proj.{weight,bias}
+    cls_token, pos_embedding                 cls_token, pos_embed
+    blks.i.ln1 / ln2                         blocks.i.norm1 / norm2
+    blks.i.attention.W_q / W_k / W_v         blocks.i.attn.qkv (rows: q, then k, then v)
+    blks.i.attention.W_o                     blocks.i.attn.proj
+    blks.i.mlp.dense1 / dense2               blocks.i.mlp.fc1 / fc2
+    head.0 (LayerNorm), head.1 (Linear)      norm, head
+    """
+    out: dict[str, torch.Tensor] = {}
+    qkv: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        if key in D2L_KEY_MAP:
+            out[D2L_KEY_MAP[key]] = value
+            continue
+        parts = key.split('.')
+        if parts[0] != 'blks' or len(parts) < 4:
+            raise KeyError(f'Unexpected key {key!r} in a d2l ViT state dict.')
+        block, rest = parts[1], '.'.join(parts[2:])
+        if rest in ('attention.W_q.weight', 'attention.W_k.weight', 'attention.W_v.weight'):
+            qkv.setdefault(block, {})[rest.split('.')[1]] = value
+            continue
+        module, _, param = rest.rpartition('.')
+        if module not in D2L_BLOCK_KEY_MAP:
+            raise KeyError(f'Unexpected key {key!r} in a d2l ViT state dict.')
+        out[f'blocks.{block}.{D2L_BLOCK_KEY_MAP[module]}.{param}'] = value
+    for block, w in qkv.items():
+        out[f'blocks.{block}.attn.qkv.weight'] = torch.cat([w['W_q'], w['W_k'], w['W_v']], dim=0)
+    return out
+
+
+def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SmallViT) -> dict[str, torch.Tensor]:
+    """Prepare a state dict for ``model``: d2l or timm ViT layouts, resized position / patch embeddings.
+
+    A timm ``VisionTransformer`` always has attention output projection biases; smallvit models built without
+    them accept those weights only when the biases are zero, since dropping a non-zero bias would change outputs.
+    """
+    state_dict = state_dict.get('model', state_dict)
+    state_dict = state_dict.get('state_dict', state_dict)
+    if 'pos_embedding' in state_dict:
+        state_dict = convert_d2l_state_dict(state_dict)
+    state_dict = _vit_checkpoint_filter_fn(state_dict, model)
+
+    model_has_proj_bias = bool(len(model.blocks)) and model.blocks[0].attn.proj.bias is not None
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith('attn.proj.bias') and not model_has_proj_bias:
+            if torch.count_nonzero(value):
+                raise ValueError(
+                    f'{key} is not zero (max |bias| {value.abs().max().item():.3g}), but this smallvit model has no '
+                    f'attention output projection bias. Create it with proj_bias=True to load these weights.'
+                )
+            continue  # a zero bias is exactly the seed's missing bias
+        out[key] = value
+    return out
+
+
+def to_vision_transformer(model: SmallViT) -> VisionTransformer:
+    """Build timm's ``VisionTransformer`` with the same shape and weights as ``model`` (same logits in eval)."""
+    block = model.blocks[0] if len(model.blocks) else None
+    vit = VisionTransformer(
+        img_size=model.patch_embed.img_size,
+        patch_size=model.patch_embed.patch_size,
+        in_chans=model.in_chans,
+        num_classes=model.num_classes,
+        global_pool=model.global_pool,
+        embed_dim=model.embed_dim,
+        depth=len(model.blocks),
+        num_heads=block.attn.num_heads if block is not None else 1,
+        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim if block is not None else 4.0,
+        qkv_bias=block is not None and block.attn.qkv.bias is not None,
+        class_token=model.has_class_token,
+        fc_norm=not isinstance(model.fc_norm, nn.Identity),
+        dynamic_img_size=model.dynamic_img_size,
+        norm_layer=partial(LayerNorm, eps=model.norm.eps if hasattr(model.norm, 'eps') else model.fc_norm.eps),
+        weight_init='skip',
+    )
+    state_dict = dict(model.state_dict())
+    for name, param in vit.state_dict().items():
+        if name.endswith('attn.proj.bias') and name not in state_dict:
+            state_dict[name] = torch.zeros_like(param)
+    vit.load_state_dict(state_dict)
+    return vit.train(model.training)
+
+
+def _cfg(**kwargs: Any) -> dict[str, Any]:
+    return {
+        'url': '',
+        'num_classes': 10,
+        'input_size': (1, 28, 28),
+        'pool_size': None,
+        'crop_pct': 1.0,  # small images: resize to size, no center crop
+        'interpolation': 'bilinear',
+        'fixed_input_size': True,
+        'mean': (0.5,),
+        'std': (0.5,),
+        'first_conv': 'patch_embed.proj',
+        'classifier': 'head',
+        'license': 'apache-2.0',
+        **kwargs,
+    }
+
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+default_cfgs = generate_default_cfgs(
+    {
+        'smallvit': _cfg(
+            input_size=(1, 96, 96),
+            description='ViT of d2l.ai chapter 11.8 (Vision Transformers): 96 px grayscale, patch 16.',
+            origin_url='https://d2l.ai/chapter_attention-mechanisms-and-transformers/vision-transformer.html',
+        ),
+        'smallvit_nano_patch4_28': _cfg(),
+        'smallvit_tiny_patch4_28': _cfg(),
+        'smallvit_small_patch4_28': _cfg(),
+        'smallvit_medium_patch4_28': _cfg(),
+        'smallvit_tiny_patch4_32': _cfg(input_size=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD),
+        'smallvit_small_patch4_32': _cfg(input_size=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD),
+        'smallvit_tiny_patch8_64': _cfg(input_size=(1, 64, 64)),
+        'smallvit_tiny_patch8_96': _cfg(input_size=(1, 96, 96)),
+    }
+)
+
+
+def _create_smallvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SmallViT:
+    depth = kwargs.get('depth', 2)
+    out_indices = kwargs.pop('out_indices', min(3, depth))
+    return build_model_with_cfg(
+        SmallViT,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+@register_model
+def smallvit(pretrained: bool = False, **kwargs: Any) -> SmallViT:
+    """The reference ViT of d2l.ai 11.8: 96 px, patch 16, width 512, MLP 2048, 8 heads, 2 blocks, dropout 0.1."""
+    model_args = dict(
+        img_size=96,
+        patch_size=16,
+        embed_dim=512,
+        depth=2,
+        num_heads=8,
+        mlp_ratio=4.0,
+        pos_drop_rate=0.1,
+        proj_drop_rate=0.1,
+        attn_drop_rate=0.1,
+    )
+    return _create_smallvit('smallvit', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def smallvit_nano_patch4_28(pretrained: bool = False, **kwargs: Any) -> SmallViT:
+    """28 px, patch 4 (49 patches), width 64, depth 6, 2 heads: about 0.3M parameters."""
+    model_args = dict(img_size=28, patch_size=4, embed_dim=64, depth=6, num_heads=2)
+    return _create_smallvit('smallvit_nano_patch4_28', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def smallvit_tiny_patch4_28(pretrained: bool = False, **kwargs: Any) -> SmallViT:
+    """28 px, patch 4, width 128, depth 6, 4 heads: about 1.2M parameters."""
+    model_args = dict(img_size=28, patch_size=4, embed_dim=128, depth=6, num_heads=4)
+    return _create_smallvit('smallvit_tiny_patch4_28', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def smallvit_small_patch4_28(pretrained: bool = False, **kwargs: Any) -> SmallViT:
+    """28 px, patch 4, width 192, depth 6, 3 heads: about 2.7M parameters."""
+    model_args = dict(img_size=28, patch_size=4, embed_dim=192, depth=6, num_heads=3)
+    return _create_smallvit('smallvit_small_patch4_28', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def smallvit_medium_patch4_28(pretrained: bool = False, **kwargs: Any) -> SmallViT:
+    """28 px, patch 4, width 256, depth 8, 8 heads: about 6.3M parameters."""
+    model_args = dict(img_size=28, patch_size=4, embed_dim=256, depth=8, num_heads=8)
+    return _create_smallvit('smallvit_medium_patch4_28', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def smallvit_tiny_patch4_32(pretrained: bool = False, **kwargs: Any) -> SmallViT:
+    """32 px RGB (CIFAR), patch 4 (64 patches), width 128, depth 6, 4 heads."""
+    model_args = dict(img_size=32, patch_size=4, in_chans=3, embed_dim=128, depth=6, num_heads=4)
+    return _create_smallvit('smallvit_tiny_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def smallvit_small_patch4_32(pretrained: bool = False, **kwargs: Any) -> SmallViT:
+    """32 px RGB (CIFAR), patch 4, width 192, depth 6, 3 heads."""
+    model_args = dict(img_size=32, patch_size=4, in_chans=3, embed_dim=192, depth=6, num_heads=3)
+    return _create_smallvit('smallvit_small_patch4_32', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def smallvit_tiny_patch8_64(pretrained: bool = False, **kwargs: Any) -> SmallViT:
+    """64 px, patch 8 (64 patches), width 128, depth 6, 4 heads."""
+    model_args = dict(img_size=64, patch_size=8, embed_dim=128, depth=6, num_heads=4)
+    return _create_smallvit('smallvit_tiny_patch8_64', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def smallvit_tiny_patch8_96(pretrained: bool = False, **kwargs: Any) -> SmallViT:
+    """96 px, patch 8 (144 patches), width 128, depth 6, 4 heads."""
+    model_args = dict(img_size=96, patch_size=8, embed_dim=128, depth=6, num_heads=4)
+    return _create_smallvit('smallvit_tiny_patch8_96', pretrained=pretrained, **dict(model_args, **kwargs))
