@@ -4,6 +4,7 @@
 ``timm.create_model('smallvit')`` and ``timm.create_model('hf-hub:<repo>', pretrained=True)`` work.
 """
 
+from .hub import create_model, export_checkpoint, push_to_hub
 from .smallvit import SmallViT, checkpoint_filter_fn, convert_d2l_state_dict, to_vision_transformer
 
 __version__ = '0.1.0'
@@ -12,5 +13,8 @@ __all__ = [
     'SmallViT',
     'checkpoint_filter_fn',
     'convert_d2l_state_dict',
+    'create_model',
+    'export_checkpoint',
+    'push_to_hub',
     'to_vision_transformer',
 ]

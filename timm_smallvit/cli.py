@@ -29,6 +29,68 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from .hub import export_checkpoint
+
+    out = export_checkpoint(
+        args.checkpoint,
+        args.out_dir,
+        model_name=args.model,
+        model_kwargs=args.model_kwargs,
+        use_ema=args.ema,
+        overwrite=args.overwrite,
+        repo_id=args.repo_id,
+        summary=args.summary,
+    )
+    print(f'Exported to {out}')
+    return 0
+
+
+def _push(args: argparse.Namespace) -> int:
+    from .hub import push_to_hub
+
+    commit = push_to_hub(
+        args.out_dir,
+        args.repo_id,
+        private=args.private,
+        revision=args.revision,
+        commit_message=args.commit_message,
+    )
+    print(f'Pushed {args.out_dir} to {args.repo_id}: {commit.commit_url}')
+    return 0
+
+
+def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
+    from timm.utils import ParseKwargs
+
+    export = sub.add_parser(
+        'export',
+        help='write a timm training checkpoint as a Hub-ready folder (safetensors, config.json, model card)',
+    )
+    export.add_argument('checkpoint', help='checkpoint-N.pth.tar / model_best.pth.tar / last.pth.tar, or .safetensors')
+    export.add_argument('out_dir', help='folder to create (must not exist or be empty, unless --overwrite)')
+    export.add_argument('--model', help="smallvit model name (default: the checkpoint's args.model)")
+    export.add_argument(
+        '--model-kwargs', nargs='*', default={}, action=ParseKwargs, help='model arguments, e.g. img_size=28'
+    )
+    export.add_argument('--ema', action='store_true', help='export the EMA weights (state_dict_ema)')
+    export.add_argument('--overwrite', action='store_true', help='replace a non-empty OUT_DIR')
+    export.add_argument('--repo-id', help='Hub repo the usage snippet names (push sets it anyway)')
+    export.add_argument('--summary', help="the run's summary.csv (default: beside the checkpoint)")
+    export.set_defaults(func=_export)
+
+    push = sub.add_parser(
+        'push',
+        help='upload an exported folder to the Hugging Face Hub (token: HF_TOKEN or `hf auth login`)',
+    )
+    push.add_argument('out_dir', help='folder written by `smallvit export`')
+    push.add_argument('--repo-id', required=True, help='user/name of the model repo (created if missing)')
+    push.add_argument('--private', action='store_true', help='create the repo private')
+    push.add_argument('--revision', help='branch to commit to (created if missing; default main)')
+    push.add_argument('--commit-message', help='commit title')
+    push.set_defaults(func=_push)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='smallvit', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
@@ -38,11 +100,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument('--num-images', type=int, default=16)
     demo.add_argument('--output', default='runs/demo')
     demo.set_defaults(func=_demo)
+    _add_hub_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.command in ('export', 'push'):
+        try:
+            return args.func(args)
+        except (ValueError, OSError) as e:  # bad input, missing token, Hub errors: a message, not a traceback
+            print(f'smallvit {args.command}: error: {e}', file=sys.stderr)
+            return 1
     return args.func(args)
 
 

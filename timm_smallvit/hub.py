@@ -1,0 +1,801 @@
+"""Share smallvit models through the Hugging Face Hub: export a training checkpoint, push it, load it with timm.
+
+    export_checkpoint   timm training checkpoint (or .safetensors) -> a folder timm loads: model.safetensors,
+                        config.json (timm's own save_for_hf), README.md (model card), learning_curve.png
+    push_to_hub         that folder -> a Hub repo, through huggingface_hub (create_repo, upload_folder)
+    create_model        timm.create_model after the import that registers smallvit*, checking hf-hub: and
+                        local-dir: files first so that bad exports fail with a message instead of odd timm errors
+
+Checkpoints are read with ``torch.load(weights_only=True)``, allowing only the ``argparse.Namespace`` that timm's
+train.py stores under 'args', or with safetensors; nothing else is unpickled.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import os
+import pickle
+import re
+import shutil
+import tempfile
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import safetensors.torch
+import timm
+import torch
+import torch.nn as nn
+from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData, get_token, hf_hub_download
+from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
+from huggingface_hub.utils import validate_repo_id
+from timm.models import clean_state_dict
+from timm.models._hub import hf_split, save_for_hf
+from torch.utils.flop_counter import FlopCounterMode
+
+from .data import FASHION_MNIST_CLASSES
+
+__all__ = ['create_model', 'export_checkpoint', 'push_to_hub']
+
+_logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = 'model.safetensors'
+CONFIG_NAME = 'config.json'
+CARD_NAME = 'README.md'
+CURVE_NAME = 'learning_curve.png'
+TEMPLATE_NAME = 'smallvit.md'
+
+# normalized dataset name -> (Hub dataset id, display name, class names)
+_DATASETS: dict[str, tuple[str, str, tuple[str, ...] | None]] = {
+    'fashionmnist': ('zalando-datasets/fashion_mnist', 'Fashion-MNIST', FASHION_MNIST_CLASSES),
+    'mnist': ('ylecun/mnist', 'MNIST', None),
+    'cifar10': ('uoft-cs/cifar10', 'CIFAR-10', None),
+    'cifar100': ('uoft-cs/cifar100', 'CIFAR-100', None),
+}
+# train.py's argument dests shown in the card's recipe table, in this order
+_RECIPE_KEYS = (
+    ('dataset', 'dataset'),
+    ('epochs', 'epochs'),
+    ('batch_size', 'batch size'),
+    ('opt', 'optimizer'),
+    ('lr', 'learning rate'),
+    ('weight_decay', 'weight decay'),
+    ('sched', 'schedule'),
+    ('warmup_epochs', 'warmup epochs'),
+    ('smoothing', 'label smoothing'),
+    ('mixup', 'mixup alpha'),
+    ('cutmix', 'cutmix alpha'),
+    ('drop', 'dropout (head)'),
+    ('drop_path', 'drop path'),
+    ('model_ema', 'EMA of weights'),
+    ('model_ema_decay', 'EMA decay'),
+    ('amp', 'mixed precision'),
+    ('amp_dtype', 'AMP dtype'),
+    ('seed', 'seed'),
+)
+_DATA_KEYS = ('mean', 'std', 'interpolation', 'crop_pct', 'crop_mode', 'input_size', 'img_size', 'in_chans')
+_MODEL_REF = re.compile(r"""(['"])(?:hf-hub|local-dir):[^'"\n]*\1""")
+
+
+# ---- export --------------------------------------------------------------------------------------------------------
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    use_ema: bool = False,
+    overwrite: bool = False,
+    repo_id: str | None = None,
+    summary: str | os.PathLike | None = None,
+) -> Path:
+    """Write a folder that timm loads (and the Hub shows) from a smallvit training checkpoint.
+
+    The model is rebuilt from the checkpoint's own training args (model, num_classes, in_chans, gp, model_kwargs),
+    the weights are loaded strictly, and the folder gets model.safetensors, config.json (timm's save_for_hf), a
+    README.md model card, and learning_curve.png when the run's summary.csv is there. Everything is written to a
+    temporary folder first and renamed into place at the end, so an interrupted export leaves nothing behind.
+
+    Args:
+        checkpoint: A timm training checkpoint (checkpoint-N.pth.tar, model_best.pth.tar, last.pth.tar) or a
+            .safetensors / plain state-dict file (those carry no args: give model_name).
+        out_dir: Folder to create. It must not exist or be empty, unless overwrite.
+        model_name: smallvit model name; default: the checkpoint's args.model.
+        model_kwargs: Model arguments on top of the checkpoint's args.model_kwargs (e.g. img_size).
+        use_ema: Export the EMA weights (state_dict_ema) instead of the trained ones.
+        overwrite: Replace a non-empty out_dir.
+        repo_id: Hub repo the card's usage snippet names; default: the local folder (push_to_hub sets the repo).
+        summary: The run's summary.csv; default: summary.csv beside the checkpoint, if any.
+
+    Returns:
+        The written folder.
+    """
+    checkpoint = Path(checkpoint)
+    out = Path(out_dir)
+    summary_path = Path(summary) if summary is not None else checkpoint.parent / 'summary.csv'
+    _check_out_dir(out, overwrite, inputs=[checkpoint, summary_path])
+    state_dict, info = _read_checkpoint(checkpoint, use_ema)
+    args = info['args']
+    model, name = _rebuild(state_dict, args, model_name, model_kwargs, source=checkpoint)
+    rows = _read_summary(summary_path) if summary_path.is_file() else []
+    if summary is not None and not rows:
+        raise ValueError(f'{summary_path} has no epoch rows: pass the summary.csv that timm wrote for this run.')
+
+    dataset_key = _dataset_key(args.get('dataset'))
+    hub_dataset, dataset_name, labels = _DATASETS.get(dataset_key, (None, None, None))
+    model_config: dict[str, Any] = {}
+    if labels is not None and len(labels) == model.num_classes:
+        model_config['label_names'] = list(labels)
+    data_config = {k: args[k] for k in _DATA_KEYS if args.get(k) not in (None, '', [])}
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.export-', dir=out.parent))
+    try:
+        try:
+            save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
+        except ValueError as e:
+            raise ValueError(f'The training args of {checkpoint} do not fit the model: {e}') from e
+        _check_reload(model, tmp)
+        if rows:
+            _plot_learning_curve(rows, tmp / CURVE_NAME, title=name)
+        card = _model_card(
+            model,
+            name,
+            json.loads((tmp / CONFIG_NAME).read_text()),
+            args=args,
+            info=info,
+            rows=rows,
+            checkpoint=checkpoint,
+            model_ref=f'hf-hub:{repo_id}' if repo_id else f'local-dir:{out}',
+            model_name=repo_id.split('/')[-1] if repo_id else name,
+            dataset=(hub_dataset, dataset_name or args.get('dataset')),
+            curve=CURVE_NAME if rows else None,
+        )
+        card.save(tmp / CARD_NAME)
+        # mkdtemp and safetensors create private files; an export is an ordinary, shareable folder
+        os.chmod(tmp, 0o755)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
+        _move_into_place(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _logger.info('Exported %s (%s) to %s', checkpoint, name, out)
+    return out
+
+
+def _check_out_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f'{out} exists and is not a folder: choose another OUT_DIR.')
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f'{out} is not empty: choose a new OUT_DIR, or pass --overwrite (overwrite=True).')
+        for path in inputs:
+            if path.exists() and out.resolve() in path.resolve().parents:
+                raise ValueError(f'{out} holds {path}, an input of this export: choose an OUT_DIR outside it.')
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:  # filled while we were exporting
+            raise FileExistsError(f'{out} is not empty: choose a new OUT_DIR, or pass --overwrite (overwrite=True).')
+        old = out.with_name(f'.{out.name}.old-{uuid.uuid4().hex[:8]}')
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if out.is_dir():
+        out.rmdir()
+    os.rename(tmp, out)
+
+
+def _read_checkpoint(path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """State dict and {'args', 'epoch', 'metric'} of a training checkpoint, or of a bare weights file."""
+    if not path.is_file():
+        raise FileNotFoundError(f'No checkpoint at {path}.')
+    info: dict[str, Any] = {'args': {}, 'epoch': None, 'metric': None}
+    if path.suffix == '.safetensors':
+        if use_ema:
+            raise ValueError(f'{path} holds a single set of weights: --ema (use_ema) applies to training checkpoints.')
+        try:
+            return safetensors.torch.load_file(path), info
+        except Exception as e:  # safetensors raises SafetensorError, OSError or ValueError on bad files
+            raise ValueError(f'{path} is not a readable safetensors file ({e}). Is it truncated?') from e
+    try:
+        # train.py stores its argparse.Namespace under 'args'; every other global stays refused
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f'{path} holds Python objects other than tensors and training args, so it is not loaded: '
+            f'torch.load(weights_only=True) refused it ({str(e).splitlines()[0]}). Only timm training checkpoints, '
+            f'state dicts and .safetensors files are supported.'
+        ) from e
+    except (RuntimeError, EOFError, OSError, ValueError) as e:
+        raise ValueError(f'Could not read {path} as a PyTorch checkpoint ({e}). Is it truncated?') from e
+    if not isinstance(ckpt, dict):
+        raise ValueError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict or a state dict.')
+
+    if use_ema:
+        key = next((k for k in ('state_dict_ema', 'model_ema') if isinstance(ckpt.get(k), dict)), None)
+        if key is None:
+            raise ValueError(
+                f'{path} has no EMA weights (state_dict_ema): train with --model-ema, or export without --ema.'
+            )
+    else:
+        key = next((k for k in ('state_dict', 'model') if isinstance(ckpt.get(k), dict)), None)
+    state_dict = ckpt[key] if key else ckpt
+    if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f'{path} has no state dict of tensors (keys: {_head(list(ckpt))}).')
+    if key:
+        args = ckpt.get('args')
+        info['args'] = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+        info['epoch'] = ckpt.get('epoch')
+        info['metric'] = ckpt.get('metric')
+    info['ema'] = use_ema
+    return clean_state_dict(state_dict), info
+
+
+def _rebuild(
+    state_dict: dict[str, torch.Tensor],
+    args: dict[str, Any],
+    model_name: str | None,
+    model_kwargs: Mapping[str, Any] | None,
+    source: Path,
+) -> tuple[nn.Module, str]:
+    """The model the checkpoint was trained as, with its weights loaded strictly."""
+    name = model_name or args.get('model')
+    if not name:
+        raise ValueError(
+            f'{source} does not say which model it holds (no training args): pass --model (model_name=), '
+            f"e.g. --model smallvit_nano_patch4_28; timm.list_models('smallvit*') lists them."
+        )
+    _check_architecture(name, f'{source} was trained as')
+    if 'patch_embed.proj.weight' not in state_dict or 'pos_embed' not in state_dict:
+        raise ValueError(
+            f'{source} is not a smallvit checkpoint: its weights have no patch_embed.proj / pos_embed '
+            f'(first keys: {_head(list(state_dict))}).'
+        )
+    kwargs = dict(args.get('model_kwargs') or {})
+    kwargs.update(model_kwargs or {})
+
+    # train.py builds 3-channel models unless told otherwise; when the args don't say, the patch weights do
+    weight_chans = state_dict['patch_embed.proj.weight'].shape[1]
+    input_size = args.get('input_size') or [None]
+    declared = _first(kwargs.pop('in_chans', None), args.get('in_chans'), input_size[0])
+    if declared is not None and declared != weight_chans:
+        raise ValueError(
+            f'in_chans mismatch in {source}: the training args say {declared} input channels, but the patch '
+            f'embedding weights take {weight_chans}.'
+        )
+    head = state_dict.get('head.weight')
+    weight_classes = head.shape[0] if head is not None else 0
+    declared = _first(kwargs.pop('num_classes', None), args.get('num_classes'))
+    if declared is not None and declared != weight_classes:
+        raise ValueError(
+            f'num_classes mismatch in {source}: the training args say {declared} classes, but the classifier '
+            f'(head.weight) has {weight_classes} outputs.'
+        )
+    global_pool = _first(kwargs.pop('global_pool', None), args.get('gp'))
+    if global_pool is not None:
+        kwargs['global_pool'] = global_pool
+    try:
+        model = timm.create_model(name, num_classes=weight_classes, in_chans=weight_chans, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f'Could not build {name} with {kwargs}: {e}') from e
+    _load_strict(model, state_dict, f'The weights in {source}', name)
+    return model.eval(), name
+
+
+def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str, name: str) -> None:
+    expected = model.state_dict()
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = {
+        k: (tuple(state_dict[k].shape), tuple(v.shape))
+        for k, v in expected.items()
+        if k in state_dict and state_dict[k].shape != v.shape
+    }
+    if not (missing or unexpected or shapes):
+        model.load_state_dict(state_dict, strict=True)
+        return
+    problems = []
+    if shapes:
+        problems.append(
+            'shapes differ: '
+            + ', '.join(f'{k} {got} vs {want} in the model' for k, (got, want) in list(shapes.items())[:4])
+        )
+    if missing:
+        problems.append(f'missing: {_head(missing)}')
+    if unexpected:
+        problems.append(f'unexpected: {_head(unexpected)}')
+    hint = ''
+    if 'pos_embed' in shapes or 'patch_embed.proj.weight' in shapes:
+        hint = ' The image or patch size differs: give the training img_size (--model-kwargs img_size=N).'
+    raise ValueError(
+        f'{what} do not fit {name}: {"; ".join(problems)}.{hint} Are they from another model? '
+        f'Pass the model they were trained as (--model / model_name).'
+    )
+
+
+def _check_reload(model: nn.Module, folder: Path) -> None:
+    """Load the export back the way users will and demand the same logits, before it is moved into place."""
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    chans, (h, w) = model.in_chans, model.patch_embed.img_size
+    x = torch.randn(2, chans, h, w, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        if not torch.equal(model(x), reloaded(x)):
+            raise RuntimeError(
+                f'The export in {folder} does not reproduce the checkpoint logits (a timm-smallvit bug).'
+            )
+
+
+def _read_summary(path: Path) -> list[dict[str, float]]:
+    """Rows of a timm summary.csv, one per epoch (the last one wins when a resumed run repeats an epoch)."""
+    by_epoch: dict[int, dict[str, float]] = {}
+    with path.open(newline='') as f:
+        for row in csv.DictReader(f):
+            values = {}
+            for key, value in row.items():
+                try:
+                    values[key] = float(value)
+                except (TypeError, ValueError):
+                    continue  # header lines repeated by a resumed run, empty cells
+            if 'epoch' in values and math.isfinite(values['epoch']):
+                by_epoch[int(values['epoch'])] = values
+    return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def _plot_learning_curve(rows: list[dict[str, float]], path: Path, title: str) -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # Figure + Agg canvas, not pyplot: no global backend or figure state
+    fig = Figure(figsize=(9, 3.6), dpi=100)
+    FigureCanvasAgg(fig)
+    loss_ax, acc_ax = fig.subplots(1, 2)
+    epochs = [int(r['epoch']) for r in rows]
+    for key, label in (('train_loss', 'train loss'), ('eval_loss', 'eval loss')):
+        if any(key in r for r in rows):
+            loss_ax.plot(epochs, [r.get(key, math.nan) for r in rows], marker='o', ms=3, label=label)
+    for key, label in (('eval_top1', 'top-1'), ('eval_top5', 'top-5')):
+        if any(key in r for r in rows):
+            acc_ax.plot(epochs, [r.get(key, math.nan) for r in rows], marker='o', ms=3, label=label)
+    loss_ax.set(xlabel='epoch', ylabel='loss', title='loss')
+    acc_ax.set(xlabel='epoch', ylabel='accuracy (%)', title='eval accuracy')
+    for ax in (loss_ax, acc_ax):
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, format='png', metadata={'Software': None})
+
+
+def _model_card(
+    model: nn.Module,
+    name: str,
+    config: dict[str, Any],
+    *,
+    args: dict[str, Any],
+    info: dict[str, Any],
+    rows: list[dict[str, float]],
+    checkpoint: Path,
+    model_ref: str,
+    model_name: str,
+    dataset: tuple[str | None, str | None],
+    curve: str | None,
+) -> ModelCard:
+    hub_dataset, dataset_name = dataset
+    cfg = config['pretrained_cfg']
+    block = model.blocks[0]
+    h, w = model.patch_embed.img_size
+    ph, pw = model.patch_embed.patch_size
+
+    final, notes = _final_result(rows, args, info)
+    eval_results = []
+    if final is not None and final.get('describes_export'):
+        common = dict(
+            task_type='image-classification',
+            task_name='Image Classification',
+            dataset_type=hub_dataset or dataset_name or 'custom',
+            dataset_name=dataset_name or 'custom',
+            dataset_split='test' if hub_dataset else str(args.get('val_split') or 'validation'),
+        )
+        if 'eval_top1' in final:
+            eval_results.append(
+                EvalResult(
+                    metric_type='accuracy', metric_name='Top-1 accuracy (%)', metric_value=final['eval_top1'], **common
+                )
+            )
+        if 'eval_top5' in final:
+            eval_results.append(
+                EvalResult(
+                    metric_type='top_5_accuracy',
+                    metric_name='Top-5 accuracy (%)',
+                    metric_value=final['eval_top5'],
+                    **common,
+                )
+            )
+    card_data = ModelCardData(
+        library_name='timm',
+        license=cfg.get('license', 'apache-2.0'),
+        tags=['image-classification', 'timm', 'smallvit', 'vision-transformer'],
+        pipeline_tag='image-classification',
+        datasets=[hub_dataset] if hub_dataset else None,
+        model_name=model_name if eval_results else None,
+        eval_results=eval_results or None,
+    )
+    num_classes = model.num_classes
+    if info.get('ema'):
+        weights_kind = 'the EMA weights (state_dict_ema)'
+    elif info.get('epoch') is not None:
+        weights_kind = 'the trained weights'
+    else:
+        weights_kind = 'the weights'
+    context = dict(
+        title=f'{name} on {dataset_name}' if dataset_name else name,
+        architecture=name,
+        checkpoint_name=checkpoint.name,
+        epoch=info.get('epoch'),
+        weights_kind=weights_kind,
+        params=f'{sum(p.numel() for p in model.parameters()):,}',
+        gmacs=f'{_count_macs(model) / 1e9:.4f}',
+        in_chans=model.in_chans,
+        img_size=f'{h}×{w}',
+        img_width=w,
+        img_height=h,
+        image_mode='L' if model.in_chans == 1 else 'RGB',
+        patch_size=f'{ph}×{pw}',
+        num_patches=model.patch_embed.num_patches,
+        width=model.embed_dim,
+        depth=len(model.blocks),
+        heads=block.attn.num_heads,
+        mlp_hidden=block.mlp.fc1.out_features,
+        pooling=_describe_pool(model.global_pool),
+        num_classes=num_classes,
+        label_names=config.get('label_names'),
+        dataset_name=dataset_name,
+        interpolation=cfg.get('interpolation'),
+        crop_pct=cfg.get('crop_pct'),
+        mean=_fmt_tuple(cfg.get('mean')),
+        std=_fmt_tuple(cfg.get('std')),
+        model_ref=model_ref,
+        top_k=min(3, num_classes) if num_classes else 1,
+        recipe=_recipe(args),
+        final=_fmt_row(final) if final else None,
+        final_sentence=final.get('sentence') if final else None,
+        notes=notes,
+        curve_file=curve,
+        history=[_fmt_row(r) for r in rows],
+        timm_version=timm.__version__,
+    )
+    return ModelCard.from_template(card_data, template_path=str(_template_path()), **context)
+
+
+def _final_result(rows: list[dict[str, float]], args: dict[str, Any], info: dict[str, Any]):
+    """The summary row of the checkpoint's epoch, whether it measures the exported weights, and notes for the card."""
+    notes: list[str] = []
+    if not rows:
+        return None, notes
+    epoch = info.get('epoch')
+    row = next((r for r in rows if int(r['epoch']) == epoch), None) if epoch is not None else rows[-1]
+    if row is None:
+        notes.append(f'summary.csv has no row for epoch {epoch} of this checkpoint; no result is reported for it.')
+        return None, notes
+    metric, eval_metric = info.get('metric'), args.get('eval_metric') or 'top1'
+    logged = row.get(f'eval_{eval_metric}')
+    if (
+        metric is not None
+        and logged is not None
+        and not math.isclose(logged, float(metric), rel_tol=1e-6, abs_tol=1e-9)
+    ):
+        notes.append(
+            f'summary.csv logs {eval_metric} {logged} for epoch {epoch}, but the checkpoint recorded {metric}: the log '
+            'is from another run, so no result is reported for these weights.'
+        )
+        return None, notes
+    # timm's train.py logs the EMA model's eval metrics when it keeps an EMA on the device
+    ema_logged = bool(args.get('model_ema')) and not args.get('model_ema_force_cpu')
+    describes_export = ema_logged == bool(info.get('ema'))
+    final: dict[str, Any] = dict(row, describes_export=describes_export)
+    which = 'EMA weights' if ema_logged else 'trained weights'
+    final['sentence'] = (
+        f'Measured during training (summary.csv, {which}) on the evaluation split, epoch {int(row["epoch"])}:'
+    )
+    if not describes_export:
+        exported = 'EMA weights' if info.get('ema') else 'trained (non-EMA) weights'
+        notes.append(
+            f'These metrics were measured on the {which}, while this export holds the {exported}; '
+            'they are left out of the model-index.'
+        )
+        _logger.warning(
+            'summary.csv measured the %s, but the export holds the %s: the card reports no eval results. '
+            'Export with%s --ema for the weights that were measured.',
+            which,
+            exported,
+            '' if ema_logged else 'out',
+        )
+    return final, notes
+
+
+def _count_macs(model: nn.Module) -> int:
+    """Multiply-accumulates of one forward pass at the model's input size (FLOPs / 2)."""
+    fused = [blk.attn.fused_attn for blk in model.blocks]
+    # FlopCounterMode does not see inside the CPU SDPA kernel; the explicit attention path is the same math
+    model.set_fused_attn(False)
+    try:
+        x = torch.zeros(1, model.in_chans, *model.patch_embed.img_size)
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(x)
+    finally:
+        for blk, flag in zip(model.blocks, fused, strict=True):
+            blk.attn.fused_attn = flag
+    return counter.get_total_flops() // 2
+
+
+def _recipe(args: dict[str, Any]) -> list[tuple[str, str]]:
+    out = []
+    for key, label in _RECIPE_KEYS:
+        value = args.get(key)
+        if value is None or value == '' or (key.startswith('model_ema_') and not args.get('model_ema')):
+            continue
+        if key == 'amp_dtype' and not args.get('amp'):
+            continue
+        out.append((label, f'`{value}`' if isinstance(value, str) else _fmt_value(value)))
+    if args and args.get('model_kwargs'):
+        out.append(('model kwargs', ', '.join(f'`{k}={v}`' for k, v in args['model_kwargs'].items())))
+    return out
+
+
+def _describe_pool(pool: str) -> str:
+    return {
+        'token': 'class token',
+        'avg': 'mean of patch tokens',
+        'max': 'max over patch tokens',
+        'avgmax': 'mean + max of patch tokens',
+        '': 'none (token features)',
+    }.get(pool, pool)
+
+
+def _fmt_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return 'yes' if value else 'no'
+    if isinstance(value, float):
+        return f'{value:g}'
+    if isinstance(value, (list, tuple)):
+        return _fmt_tuple(value)
+    return str(value)
+
+
+def _fmt_tuple(value: Any) -> str:
+    if value is None:
+        return '-'
+    return '(' + ', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in value) + ')'
+
+
+def _fmt_metric(row: Mapping[str, float], key: str, fmt: str) -> str:
+    value = row.get(key)
+    return '-' if value is None or not math.isfinite(value) else format(value, fmt)
+
+
+def _fmt_row(row: Mapping[str, float]) -> dict[str, str]:
+    return dict(
+        epoch=str(int(row['epoch'])),
+        train_loss=_fmt_metric(row, 'train_loss', '.4f'),
+        eval_loss=_fmt_metric(row, 'eval_loss', '.4f'),
+        top1=_fmt_metric(row, 'eval_top1', '.2f'),
+        top5=_fmt_metric(row, 'eval_top5', '.2f'),
+        lr=_fmt_metric(row, 'lr', '.3g'),
+    )
+
+
+def _dataset_key(dataset: Any) -> str:
+    if not isinstance(dataset, str):
+        return ''
+    return re.sub(r'[^a-z0-9]', '', dataset.lower().rstrip('/').rsplit('/', 1)[-1])
+
+
+def _template_path() -> Path:
+    here = Path(__file__).resolve().parent
+    # wheels carry the templates inside the package; a source checkout has them at the top level
+    for folder in (here / 'model_cards', here.parent / 'model_cards'):
+        if (folder / TEMPLATE_NAME).is_file():
+            return folder / TEMPLATE_NAME
+    raise FileNotFoundError(f'Model card template {TEMPLATE_NAME} not found beside {here}: reinstall timm-smallvit.')
+
+
+# ---- checks shared by push and pull ------------------------------------------------------------------------------
+
+
+def _check_architecture(name: Any, what: str) -> None:
+    if not isinstance(name, str) or not name.startswith('smallvit') or not timm.is_model(name):
+        raise ValueError(
+            f'{what} {name!r}, which is not a smallvit model (one of {", ".join(timm.list_models("smallvit*"))}). '
+            f'timm-smallvit exports and checks smallvit models only; load other timm models with timm.create_model.'
+        )
+
+
+def _check_files(config_path: Path, weights_path: Path, where: str) -> dict[str, Any]:
+    """Check that config.json and model.safetensors describe one smallvit model timm can load; returns the config."""
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f'{where}: config.json is not readable JSON ({e}). Export the model again.') from e
+    if not isinstance(config, dict):
+        raise ValueError(f'{where}: config.json is not a timm model config. Export the model again.')
+    _check_architecture(config.get('architecture'), f'{where}: config.json describes architecture')
+    model_args = dict(config.get('model_args') or {})
+    num_classes = config.get('num_classes', model_args.get('num_classes'))
+    if model_args.get('num_classes', num_classes) != num_classes:
+        raise ValueError(
+            f'{where}: num_classes mismatch in config.json: {num_classes} at the top, '
+            f'{model_args["num_classes"]} in model_args. Export the model again.'
+        )
+    try:
+        state_dict = safetensors.torch.load_file(weights_path)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # safetensors raises SafetensorError, OSError or ValueError on bad files
+        raise ValueError(f'{where}: model.safetensors is corrupt or truncated ({e}). Export the model again.') from e
+    head = state_dict.get('head.weight')
+    weight_classes = head.shape[0] if head is not None else 0
+    if num_classes is not None and num_classes != weight_classes:
+        raise ValueError(
+            f'{where}: num_classes mismatch: config.json says {num_classes} classes, but the classifier in '
+            f'model.safetensors (head.weight) has {weight_classes} outputs. Export the model again.'
+        )
+    try:
+        if num_classes is not None:
+            model_args['num_classes'] = num_classes
+        model = timm.create_model(config['architecture'], **model_args)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f'{where}: config.json model_args do not build {config["architecture"]}: {e}') from e
+    _load_strict(model, state_dict, f'{where}: the weights in model.safetensors', config['architecture'])
+    return config
+
+
+def _check_folder(folder: Path) -> dict[str, Any]:
+    if not folder.is_dir():
+        raise NotADirectoryError(f'{folder} is not a folder: give the OUT_DIR written by `smallvit export`.')
+    missing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f'{folder} has no {" or ".join(missing)}: give a folder written by `smallvit export` (timm loads '
+            f'model.safetensors and config.json).'
+        )
+    return _check_files(folder / CONFIG_NAME, folder / WEIGHTS_NAME, str(folder))
+
+
+# ---- push ----------------------------------------------------------------------------------------------------------
+
+
+def push_to_hub(
+    out_dir: str | os.PathLike,
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    commit_message: str | None = None,
+    token: str | None = None,
+) -> CommitInfo:
+    """Upload an exported folder to a Hub model repo (created if needed), as one commit.
+
+    Only model.safetensors, config.json, README.md and *.png are uploaded, never pickle files. The card's usage
+    snippet is rewritten to name ``repo_id`` (and the branch) in the uploaded copy; out_dir itself is not changed.
+    The endpoint is huggingface_hub's (HF_ENDPOINT); the token is never written, printed or logged.
+
+    Args:
+        out_dir: Folder written by export_checkpoint.
+        repo_id: 'user/name' (or 'org/name') of the model repo.
+        private: Create the repo private. An existing public repo is refused rather than pushed to.
+        revision: Branch to commit to (created from main if missing); default main.
+        commit_message: Commit title; default 'Upload <architecture> (timm-smallvit)'.
+        token: Hub token; default HF_TOKEN or the stored `hf auth login` token.
+
+    Returns:
+        The commit: a str (its URL) with .oid and .commit_url.
+    """
+    folder = Path(out_dir)
+    if repo_id.count('/') != 1:
+        raise ValueError(f"repo_id {repo_id!r} must be 'user/name' or 'org/name' (the namespace names the owner).")
+    validate_repo_id(repo_id)  # a ValueError that says which characters are allowed
+    config = _check_folder(folder)
+    token = token or get_token()
+    if not token:
+        raise LocalTokenNotFoundError(
+            'No Hugging Face token found: log in with `hf auth login` (stored by huggingface_hub) or set HF_TOKEN '
+            'to a token with write access, then push again.'
+        )
+    api = HfApi(token=token)  # endpoint: HF_ENDPOINT, else huggingface.co
+    branch = revision if revision and revision != 'main' else None
+    message = commit_message or f'Upload {config["architecture"]} (timm-smallvit)'
+    with tempfile.TemporaryDirectory(prefix='smallvit-push-') as stage:
+        _stage_upload(folder, Path(stage), f'hf-hub:{repo_id}@{branch}' if branch else f'hf-hub:{repo_id}')
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True)
+            if private and not api.model_info(repo_id).private:
+                raise PermissionError(
+                    f'{repo_id} already exists and is public: nothing was pushed. Make it private on the Hub first, '
+                    f'or push without --private.'
+                )
+            if branch:
+                api.create_branch(repo_id, branch=branch, exist_ok=True)
+            commit = api.upload_folder(repo_id=repo_id, folder_path=stage, revision=branch, commit_message=message)
+        except HfHubHTTPError as e:
+            status = e.response.status_code if e.response is not None else None
+            if status == 401:
+                raise PermissionError(
+                    f'{api.endpoint} rejected the token (401 Unauthorized) while pushing to {repo_id}: set HF_TOKEN '
+                    f'to a valid token with write access, or log in again with `hf auth login`.'
+                ) from e
+            if status == 403:
+                raise PermissionError(
+                    f'The token has no write access to {repo_id} on {api.endpoint} (403 Forbidden): push to a '
+                    f'namespace you own, or use a token with write access to it.'
+                ) from e
+            raise
+    _logger.info('Pushed %s to %s', folder, commit.commit_url)
+    return commit
+
+
+def _stage_upload(folder: Path, stage: Path, model_ref: str) -> None:
+    """Copy the allow-listed files; the card's snippet names the Hub repo instead of the local folder."""
+    skipped = []
+    for path in sorted(folder.iterdir()):
+        if path.name in (WEIGHTS_NAME, CONFIG_NAME) or (path.suffix == '.png' and path.is_file()):
+            shutil.copyfile(path, stage / path.name)
+        elif path.name == CARD_NAME:
+            text = path.read_text(encoding='utf-8')
+            (stage / CARD_NAME).write_text(_MODEL_REF.sub(f"'{model_ref}'", text), encoding='utf-8')
+        else:
+            skipped.append(path.name)
+    if skipped:
+        _logger.warning('Not uploading %s: only model.safetensors, config.json, README.md and *.png go up.', skipped)
+
+
+# ---- pull ----------------------------------------------------------------------------------------------------------
+
+
+def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
+    """timm.create_model, with the smallvit family registered and exported files checked first.
+
+    ``timm.create_model('hf-hub:user/name', pretrained=True)`` works after ``import timm_smallvit``; this does the
+    same in one call. For 'hf-hub:' and 'local-dir:' names with pretrained=True it first checks config.json and
+    model.safetensors (architecture, num_classes, corrupt or truncated weights, shapes) and says what is wrong.
+
+    Args:
+        model_name: A smallvit name, 'hf-hub:user/name[@revision]', or 'local-dir:/path/to/export'.
+        pretrained: Load the weights.
+        **kwargs: Passed to timm.create_model (num_classes, in_chans, img_size, global_pool, ...).
+    """
+    if pretrained and model_name.startswith('local-dir:'):
+        _check_folder(Path(model_name[len('local-dir:') :]))
+    elif pretrained and model_name.startswith('hf-hub:'):
+        repo_id, revision = hf_split(model_name[len('hf-hub:') :])
+        config = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision))
+        weights = Path(hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision))
+        _check_files(config, weights, model_name)
+    return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+
+
+# ---- small helpers -------------------------------------------------------------------------------------------------
+
+
+def _first(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)
+
+
+def _head(names: list[str], n: int = 4) -> str:
+    return ', '.join(names[:n]) + (f', ... ({len(names)} in all)' if len(names) > n else '')
