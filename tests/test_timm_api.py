@@ -35,8 +35,10 @@ def test_variants_span_small_image_sizes():
     for name in MODEL_NAMES:
         model = timm.create_model(name)
         params[name] = sum(p.numel() for p in model.parameters())
-        assert name == 'smallvit' or f'patch{model.patch_embed.patch_size[0]}_{_input_size(model)[-1]}' in name
-    small = [n for n in MODEL_NAMES if n.endswith(('_28', '_32'))]
+        size = _input_size(model)[-1]
+        assert name == 'smallvit' or name.endswith(f'_{size}')
+        assert name == 'smallvit' or f'patch{model.patch_embed.patch_size[0]}_' in name or '_convstem_' in name
+    small = [n for n in MODEL_NAMES if n.endswith(('_28', '_32')) and '_patch' in n]
     assert len(small) >= 3 and all(timm.create_model(n).patch_embed.patch_size[0] <= 4 for n in small)
     assert min(params[n] for n in small) <= 350_000 and max(params[n] for n in small) >= 5_000_000
     assert any(n.endswith('_64') for n in MODEL_NAMES) and any(n.endswith('_96') for n in MODEL_NAMES)
@@ -151,14 +153,18 @@ def test_model_forward_intermediates(model_name):
     with torch.no_grad():
         output, intermediates = model.forward_intermediates(x, output_fmt='NCHW')
         assert len(intermediates) == len(model.blocks)
+        grid = model.patch_embed.dynamic_feat_size(input_size[1:])  # 28 // 4 for patches, ceil(28 / 8) for stems
         for e, r, o in zip(feature_info.channels(), feature_info.reduction(), intermediates, strict=True):
-            assert o.shape == (1, e, input_size[1] // r, input_size[2] // r)
+            assert o.shape == (1, e, *grid) and r == model.patch_embed.patch_size[0]
         torch.testing.assert_close(output, model.forward_features(x))
 
         tokens = model.forward_intermediates(x, indices=[0], output_fmt='NLC', intermediates_only=True)
         assert tokens[0].shape == (1, model.patch_embed.num_patches, model.embed_dim)
         with_prefix = model.forward_intermediates(x, indices=1, return_prefix_tokens=True, intermediates_only=True)
-        assert with_prefix[0][1].shape == (1, model.num_prefix_tokens, model.embed_dim)
+        if model.num_prefix_tokens:
+            assert with_prefix[0][1].shape == (1, model.num_prefix_tokens, model.embed_dim)
+        else:  # nothing to return beside the spatial tokens
+            assert isinstance(with_prefix[0], torch.Tensor) and with_prefix[0].shape == (1, model.embed_dim, *grid)
 
         model.set_grad_checkpointing()
         output3, _ = model.forward_intermediates(x, output_fmt='NCHW')

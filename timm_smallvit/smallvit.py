@@ -15,6 +15,7 @@ is ``VisionTransformer(qkv_bias=False, norm_layer=partial(LayerNorm, eps=1e-5))`
 projection bias at zero. See :func:`to_vision_transformer` and :func:`checkpoint_filter_fn`.
 """
 
+import math
 from functools import partial
 from typing import Any
 
@@ -22,6 +23,7 @@ import torch
 import torch.nn as nn
 from timm.layers import (
     Attention,
+    ConvNormAct,
     DropPath,
     LayerNorm,
     Mlp,
@@ -29,6 +31,7 @@ from timm.layers import (
     calculate_drop_path_rates,
     register_notrace_function,
     resample_abs_pos_embed,
+    to_2tuple,
     trunc_normal_,
 )
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
@@ -82,6 +85,73 @@ def check_input(x: torch.Tensor, in_chans: int, img_size: tuple[int, int] | None
             f'Expected {img_size[0]}x{img_size[1]} images, got {x.shape[2]}x{x.shape[3]}. Resize them, or '
             f'create the model with img_size={x.shape[2]} or dynamic_img_size=True.',
         )
+
+
+class ConvStem(nn.Module):
+    """Patch embedding by a few 3x3 convolutions instead of one large-kernel conv.
+
+    "Early Convolutions Help Transformers See Better" (Xiao et al., 2021): a small conv stem gives a ViT the
+    locality a patchify conv lacks, which pays on small data. ``stem_chs`` conv-BN-GELU layers (stride 1 or 2),
+    then a stride-2 conv to ``embed_dim``; the patch size is the total stride. With channels (16, 32, 64) and
+    strides (1, 2, 2) a 28 px image becomes a 4x4 grid (28 -> 28 -> 14 -> 7 -> 4). Same interface as timm's
+    PatchEmbed.
+    """
+
+    def __init__(
+        self,
+        img_size: tuple[int, int] | None = (28, 28),
+        in_chans: int = 1,
+        embed_dim: int = 128,
+        stem_chs: tuple[int, ...] = (32, 64),
+        stem_strides: tuple[int, ...] | None = None,
+        output_fmt: str | None = None,
+        strict_img_size: bool = True,
+    ) -> None:
+        super().__init__()
+        stem_strides = stem_strides or (2,) * len(stem_chs)
+        if len(stem_strides) != len(stem_chs) or not set(stem_strides) <= {1, 2}:
+            raise ValueError(f'stem_strides {stem_strides}: one stride, 1 or 2, per stem channel count {stem_chs}.')
+        layers = []
+        chs = in_chans
+        for out_chs, s in zip(stem_chs, stem_strides, strict=True):
+            layers.append(ConvNormAct(chs, out_chs, kernel_size=3, stride=s, padding=1, act_layer=nn.GELU))
+            chs = out_chs
+        self.stem = nn.Sequential(*layers)
+        self.proj = nn.Conv2d(chs, embed_dim, kernel_size=3, stride=2, padding=1)
+        stride = 2 * math.prod(stem_strides)
+        self.patch_size = (stride, stride)
+        self.flatten = output_fmt is None
+        self.output_nhwc = output_fmt == 'NHWC'
+        self.strict_img_size = strict_img_size
+        self.dynamic_img_pad = False
+        self.img_size: tuple[int, int] | None = None
+        self.grid_size: tuple[int, int] = (0, 0)
+        self.num_patches = 0
+        self.set_input_size(img_size)
+
+    def feat_ratio(self, as_scalar: bool = True) -> int:
+        return self.patch_size[0]
+
+    def dynamic_feat_size(self, img_size: tuple[int, int]) -> tuple[int, int]:
+        # a stride-2 conv with padding 1 maps n to ceil(n / 2), a stride-1 conv keeps n
+        return math.ceil(img_size[0] / self.patch_size[0]), math.ceil(img_size[1] / self.patch_size[1])
+
+    @torch.jit.ignore
+    def set_input_size(self, img_size: tuple[int, int] | None = None, patch_size: Any | None = None) -> None:
+        if patch_size is not None and tuple(to_2tuple(patch_size)) != self.patch_size:
+            raise ValueError('A conv stem has a fixed stride; set_input_size cannot change its patch size.')
+        if img_size is not None:
+            self.img_size = tuple(to_2tuple(img_size))
+            self.grid_size = self.dynamic_feat_size(self.img_size)
+            self.num_patches = self.grid_size[0] * self.grid_size[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.proj(self.stem(x))  # (B, D, H', W')
+        if self.flatten:
+            x = x.flatten(2).transpose(1, 2)  # (B, N, D)
+        elif self.output_nhwc:
+            x = x.permute(0, 2, 3, 1)
+        return x
 
 
 class Block(nn.Module):
@@ -144,6 +214,8 @@ class SmallViT(nn.Module):
         qkv_bias: bool = False,
         proj_bias: bool = False,
         class_token: bool = True,
+        stem_chs: tuple[int, ...] | None = None,
+        stem_strides: tuple[int, ...] | None = None,
         fc_norm: bool | None = None,
         norm_eps: float = 1e-5,
         dynamic_img_size: bool = False,
@@ -171,6 +243,9 @@ class SmallViT(nn.Module):
             qkv_bias: Bias on the q/k/v projection.
             proj_bias: Bias on the attention output projection.
             class_token: Prepend a class token.
+            stem_chs: Channels of a conv stem (:class:`ConvStem`) that replaces the patchify conv; patch_size must
+                then be its total stride.
+            stem_strides: Stride (1 or 2) of each stem layer; default 2 for all.
             fc_norm: Put the final LayerNorm after pooling instead of before; default on for mean/max pooling,
                 as in timm.
             norm_eps: LayerNorm epsilon.
@@ -204,14 +279,22 @@ class SmallViT(nn.Module):
         if dynamic_img_size:
             # keep the patch grid (NHWC) until the position embedding is resampled to it
             embed_args.update(strict_img_size=False, output_fmt='NHWC')
-        self.patch_embed = PatchEmbed(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
-            dynamic_img_pad=dynamic_img_pad,
-            **embed_args,
-        )
+        if stem_chs:
+            strides = tuple(stem_strides or (2,) * len(stem_chs))
+            self.patch_embed = ConvStem(
+                to_2tuple(img_size), in_chans, embed_dim, tuple(stem_chs), strides, **embed_args
+            )
+            if to_2tuple(patch_size) != self.patch_embed.patch_size:
+                raise ValueError(f'This conv stem has a total stride of {self.patch_embed.patch_size[0]}: patch_size.')
+        else:
+            self.patch_embed = PatchEmbed(
+                img_size=img_size,
+                patch_size=patch_size,
+                in_chans=in_chans,
+                embed_dim=embed_dim,
+                dynamic_img_pad=dynamic_img_pad,
+                **embed_args,
+            )
         num_patches = self.patch_embed.num_patches
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
@@ -264,7 +347,7 @@ class SmallViT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {'pos_embed', 'cls_token'}
+        return {'pos_embed', 'cls_token'} if self.cls_token is not None else {'pos_embed'}
 
     @torch.jit.ignore
     def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
@@ -516,6 +599,8 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SmallViT) -
 
 def to_vision_transformer(model: SmallViT) -> VisionTransformer:
     """Build timm's ``VisionTransformer`` with the same shape and weights as ``model`` (same logits in eval)."""
+    if isinstance(model.patch_embed, ConvStem):
+        raise ValueError("A conv-stem smallvit has no timm VisionTransformer counterpart (its stem isn't a patchify).")
     block = model.blocks[0] if len(model.blocks) else None
     vit = VisionTransformer(
         img_size=model.patch_embed.img_size,
@@ -578,6 +663,7 @@ default_cfgs = generate_default_cfgs(
         'smallvit_small_patch4_32': _cfg(input_size=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD),
         'smallvit_tiny_patch8_64': _cfg(input_size=(1, 64, 64)),
         'smallvit_tiny_patch8_96': _cfg(input_size=(1, 96, 96)),
+        'smallvit_tiny_convstem_28': _cfg(first_conv='patch_embed.stem.0.conv'),
     }
 )
 
@@ -666,3 +752,22 @@ def smallvit_tiny_patch8_96(pretrained: bool = False, **kwargs: Any) -> SmallViT
     """96 px, patch 8 (144 patches), width 128, depth 6, 4 heads."""
     model_args = dict(img_size=96, patch_size=8, embed_dim=128, depth=6, num_heads=4)
     return _create_smallvit('smallvit_tiny_patch8_96', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def smallvit_tiny_convstem_28(pretrained: bool = False, **kwargs: Any) -> SmallViT:
+    """28 px, conv stem 1 -> 16 -> 32 -> 64 -> 96 (strides 1, 2, 2, 2: a 4x4 grid), width 96, depth 4, mean-pooled.
+
+    The quickest learner here (the demo model): 0.5M parameters, 16 tokens, no class token.
+    """
+    model_args = dict(
+        img_size=28,
+        patch_size=8,
+        stem_chs=(16, 32, 64),
+        stem_strides=(1, 2, 2),
+        embed_dim=96,
+        depth=4,
+        num_heads=4,
+        class_token=False,
+    )
+    return _create_smallvit('smallvit_tiny_convstem_28', pretrained=pretrained, **dict(model_args, **kwargs))
