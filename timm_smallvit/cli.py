@@ -1,31 +1,78 @@
 """The ``smallvit`` command."""
 
 import argparse
+import logging
 import sys
 from collections.abc import Sequence
 
 __all__ = ['main']
 
 
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format='%(message)s')
+    for noisy in ('timm.utils.checkpoint_saver', 'timm.task', 'timm.models._builder', 'timm.models._hub'):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .launch import recipe_path
+    from .trainer import load_recipe, resolve_args, train
+
+    _setup_logging()
+    recipe = load_recipe(recipe_path(args.config))
+    overrides = dict(args.set or {})
+    for key in ('data_dir', 'output', 'experiment', 'resume'):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    result = train(resolve_args(recipe, **overrides))
+    if result['output_dir'] is not None:
+        metrics = result['eval_metrics']
+        print(f'top-1 {metrics["top1"]:.2f}%  top-5 {metrics["top5"]:.2f}%  run: {result["output_dir"]}')
+    return 0
+
+
 def _demo(args: argparse.Namespace) -> int:
-    import timm
-    import torch
-    from timm.data import create_transform, resolve_data_config
-    from torchvision.datasets import FashionMNIST
+    from .demo import run_demo
 
-    from .data import FASHION_MNIST_CLASSES, prepare_fashion_mnist
+    _setup_logging()
+    run_demo(args.data, args.output, recipe=args.recipe)
+    return 0
 
-    model = timm.create_model(args.model).eval()
-    transform = create_transform(**resolve_data_config({}, model=model))
-    test = FashionMNIST(prepare_fashion_mnist(args.data), train=False, download=True, transform=transform)
-    images = torch.stack([test[i][0] for i in range(args.num_images)])
-    with torch.no_grad():
-        probs = model(images).softmax(-1)
-    for i, (p, label) in enumerate(zip(probs, test.targets[: args.num_images], strict=True)):
-        print(
-            f'{i:3d}  true {FASHION_MNIST_CLASSES[label]:<12} predicted {FASHION_MNIST_CLASSES[p.argmax()]:<12} '
-            f'p={p.max():.2f}'
-        )
+
+def _recipes(args: argparse.Namespace) -> int:
+    from .launch import list_recipes
+
+    for name, path in sorted(list_recipes().items()):
+        print(f'{name:<24} {path}')
+    return 0
+
+
+def _train_py(args: argparse.Namespace) -> int:
+    import subprocess
+
+    from .launch import format_command, train_py_command
+
+    command = train_py_command(
+        args.recipe,
+        args.train_py,
+        args.data_dir,
+        output=args.output,
+        experiment=args.experiment,
+        nproc_per_node=args.nproc_per_node,
+        nnodes=args.nnodes,
+        node_rank=args.node_rank,
+        master_addr=args.master_addr,
+        master_port=args.master_port,
+        extra=args.extra,
+    )
+    print(format_command(command), flush=True)
+    return subprocess.call(command) if args.run else 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from .launch import run_timm_script
+
+    run_timm_script(args.script, args.args)
     return 0
 
 
@@ -91,28 +138,69 @@ def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
     push.set_defaults(func=_push)
 
 
+def _add_training_commands(sub: argparse._SubParsersAction) -> None:
+    from timm.utils import ParseKwargs
+
+    train = sub.add_parser('train', help="train with a recipe (timm train.py's YAML format) on a CPU or GPUs")
+    train.add_argument('--config', required=True, help='a shipped recipe name (see `smallvit recipes`) or a YAML path')
+    train.add_argument('--data-dir', help='dataset folder (Fashion-MNIST: the release *-ubyte.gz files)')
+    train.add_argument('--output', help='parent folder of runs (default ./output/train)')
+    train.add_argument('--experiment', help='run folder name (default: date-model-size)')
+    train.add_argument('--resume', help='checkpoint to resume from (last.pth.tar of an interrupted run)')
+    train.add_argument(
+        '--set', nargs='*', action=ParseKwargs, metavar='KEY=VALUE', help='override recipe keys, e.g. --set epochs=2'
+    )
+    train.set_defaults(func=_train)
+
+    demo = sub.add_parser('demo', help='train, evaluate, export and reload a model on Fashion-MNIST, offline')
+    demo.add_argument('--data', required=True, help='folder with the Fashion-MNIST release *-ubyte.gz files')
+    demo.add_argument('--output', default='runs/demo', help='parent folder for the run and its export')
+    demo.add_argument('--recipe', default='fashion_mnist_demo', help='recipe name or path')
+    demo.set_defaults(func=_demo)
+
+    recipes = sub.add_parser('recipes', help='list the shipped recipes and their paths')
+    recipes.set_defaults(func=_recipes)
+
+    train_py = sub.add_parser('train-py', help="print (or --run) the command that runs a recipe with timm's train.py")
+    train_py.add_argument('recipe', help='a shipped recipe name or a YAML path')
+    train_py.add_argument('--train-py', required=True, help='path of train.py from a pytorch-image-models checkout')
+    train_py.add_argument('--data-dir', required=True, help='dataset folder for --data-dir')
+    train_py.add_argument('--output', help="train.py's --output")
+    train_py.add_argument('--experiment', help="train.py's --experiment")
+    train_py.add_argument('--nproc-per-node', type=int, default=1, help='GPUs per node (torchrun when > 1)')
+    train_py.add_argument('--nnodes', type=int, default=1)
+    train_py.add_argument('--node-rank', type=int, default=0)
+    train_py.add_argument('--master-addr')
+    train_py.add_argument('--master-port', type=int)
+    train_py.add_argument('--run', action='store_true', help='run it instead of only printing it')
+    train_py.add_argument('extra', nargs=argparse.REMAINDER, help='more train.py arguments, after --')
+    train_py.set_defaults(func=_train_py)
+
+    run = sub.add_parser('run', help='run a timm script (validate.py, inference.py, ...) with smallvit registered')
+    run.add_argument('script', help='path of the script from a pytorch-image-models checkout')
+    run.add_argument('args', nargs=argparse.REMAINDER, help="the script's own arguments")
+    run.set_defaults(func=_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog='smallvit', description=__doc__)
     sub = parser.add_subparsers(dest='command', required=True)
-    demo = sub.add_parser('demo', help='classify real Fashion-MNIST test images with a smallvit model')
-    demo.add_argument('--data', required=True, help='folder with the Fashion-MNIST release *-ubyte.gz files')
-    demo.add_argument('--model', default='smallvit_tiny_patch4_28')
-    demo.add_argument('--num-images', type=int, default=16)
-    demo.add_argument('--output', default='runs/demo')
-    demo.set_defaults(func=_demo)
+    _add_training_commands(sub)
     _add_hub_commands(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.command in ('export', 'push'):
-        try:
-            return args.func(args)
-        except (ValueError, OSError) as e:  # bad input, missing token, Hub errors: a message, not a traceback
-            print(f'smallvit {args.command}: error: {e}', file=sys.stderr)
-            return 1
-    return args.func(args)
+    if getattr(args, 'extra', None) and args.extra[0] == '--':
+        args.extra = args.extra[1:]
+    if args.command == 'run':
+        return args.func(args)  # the script's own errors and exit codes are its own
+    try:
+        return args.func(args)
+    except (ValueError, OSError, FloatingPointError) as e:  # bad input, missing token, Hub errors, NaN loss
+        print(f'smallvit {args.command}: error: {e}', file=sys.stderr)
+        return 1
 
 
 if __name__ == '__main__':

@@ -1,17 +1,35 @@
-"""Fashion-MNIST from the official release files, offline.
+"""Small image datasets held in memory, with augmentation done on whole batches.
 
-torchvision's ``FashionMNIST(root, download=True)`` verifies and unpacks the release files without a network when
-they already lie in ``<root>/FashionMNIST/raw/``; :func:`prepare_fashion_mnist` puts them there (as links).
+Fashion-MNIST comes from the official release files, offline: torchvision's ``FashionMNIST(root, download=True)``
+verifies and unpacks them without a network when they already lie in ``<root>/FashionMNIST/raw/``, and
+:func:`prepare_fashion_mnist` puts them there (as links).
+
+For 28-32 px images, per-image PIL transforms and worker processes cost more than the model; here the uint8 images
+stay in one tensor and each batch is cropped, flipped and erased as a whole (one ``grid_sample`` call), which is
+what :class:`BatchLoader` does for the quick trainer.
 """
 
+import math
 import os
 import shutil
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
-from torchvision.datasets import FashionMNIST
+import torch.nn.functional as F
+from timm.data.random_erasing import RandomErasing
+from torchvision.datasets import CIFAR10, FashionMNIST
 
-__all__ = ['FASHION_MNIST_CLASSES', 'default_cache_dir', 'load_fashion_mnist', 'prepare_fashion_mnist']
+__all__ = [
+    'CIFAR10_CLASSES',
+    'FASHION_MNIST_CLASSES',
+    'BatchAugment',
+    'BatchLoader',
+    'default_cache_dir',
+    'load_dataset',
+    'load_fashion_mnist',
+    'prepare_fashion_mnist',
+]
 
 FASHION_MNIST_CLASSES = (
     'T-shirt/top',
@@ -25,7 +43,14 @@ FASHION_MNIST_CLASSES = (
     'Bag',
     'Ankle boot',
 )
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
 _RELEASE_FILES = tuple(name for name, _ in FashionMNIST.resources)
+
+# dataset names as timm's train.py spells them (--dataset torch/fashion_mnist), and the classes of each
+DATASETS = {
+    'torch/fashion_mnist': FASHION_MNIST_CLASSES,
+    'torch/cifar10': CIFAR10_CLASSES,
+}
 
 
 def default_cache_dir() -> Path:
@@ -37,18 +62,21 @@ def prepare_fashion_mnist(src: str | os.PathLike, root: str | os.PathLike | None
     """Make ``root`` a torchvision dataset root for Fashion-MNIST from the release files in ``src``.
 
     Args:
-        src: Folder holding the four ``*-ubyte.gz`` release files.
+        src: Folder holding the four ``*-ubyte.gz`` release files, or a dataset root already laid out as
+            ``<src>/FashionMNIST/raw/`` (as train.py's ``--data-dir`` expects).
         root: Dataset root to fill; default ``<cache>/fashion-mnist``.
 
     Returns:
         The root, ready for ``FashionMNIST(root, download=True)`` (which then checks MD5 sums, no network).
     """
     src = Path(src)
+    if all((src / 'FashionMNIST' / 'raw' / name).is_file() for name in _RELEASE_FILES):
+        return src
     missing = [name for name in _RELEASE_FILES if not (src / name).is_file()]
     if missing:
         raise FileNotFoundError(
             f'Fashion-MNIST release files missing from {src}: {", ".join(missing)}. '
-            f'Point --data at the folder holding the official *-ubyte.gz files.'
+            f'Point the data directory at the folder holding the official *-ubyte.gz files.'
         )
     root = Path(root) if root is not None else default_cache_dir() / 'fashion-mnist'
     raw = root / 'FashionMNIST' / 'raw'
@@ -71,3 +99,179 @@ def load_fashion_mnist(
     """Images (N, 28, 28) uint8 and labels (N,) int64 of the train (60k) or test (10k) split."""
     dataset = FashionMNIST(prepare_fashion_mnist(src, root), train=train, download=True)
     return dataset.data, dataset.targets
+
+
+def load_dataset(
+    name: str, data_dir: str | os.PathLike, train: bool, download: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (N, C, H, W) uint8 and labels (N,) of a dataset named as train.py names it.
+
+    Args:
+        name: 'torch/fashion_mnist' or 'torch/cifar10'.
+        data_dir: Fashion-MNIST: the release files or a torchvision root. CIFAR-10: a torchvision root.
+        train: Train split, else the test split (train.py's 'validation' for torch/ datasets).
+        download: Let torchvision download CIFAR-10 if it is missing (Fashion-MNIST never downloads).
+    """
+    if name == 'torch/fashion_mnist':
+        images, labels = load_fashion_mnist(data_dir, train=train)
+        return images.unsqueeze(1), labels
+    if name == 'torch/cifar10':
+        dataset = CIFAR10(data_dir, train=train, download=download)
+        return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets)
+    raise ValueError(f'Unknown dataset {name!r}; the quick trainer reads {", ".join(DATASETS)}.')
+
+
+class BatchAugment:
+    """timm's training augmentation for a whole batch: random-resized crop, horizontal flip, colour jitter.
+
+    Same parameters as timm's ``create_transform(is_training=True)`` (``scale``, ``ratio``, ``hflip``,
+    ``color_jitter``): each image gets its own crop box, flip and jitter factors, and the resize to ``img_size``
+    happens in the same ``grid_sample`` call. ``scale=None`` skips cropping (resize only). Random erasing works on
+    normalised images, so :class:`BatchLoader` applies it after normalising.
+    """
+
+    def __init__(
+        self,
+        img_size: tuple[int, int],
+        scale: Sequence[float] | None = (0.08, 1.0),
+        ratio: Sequence[float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        color_jitter: float | Sequence[float] | None = None,
+        interpolation: str = 'bilinear',
+    ) -> None:
+        self.img_size = tuple(img_size)
+        self.scale = tuple(scale) if scale is not None else None
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.hflip = hflip
+        if color_jitter is None or isinstance(color_jitter, (int, float)):
+            color_jitter = (float(color_jitter or 0.0),) * 3  # timm: one value is brightness, contrast, saturation
+        self.jitter = tuple(float(c) for c in color_jitter[:3])  # hue (a 4th value) is not applied
+        self.mode = interpolation if interpolation in ('bilinear', 'bicubic', 'nearest') else 'bilinear'
+
+    def _factors(self, strength: float, B: int, generator: torch.Generator | None) -> torch.Tensor:
+        return torch.empty(B, 1, 1, 1).uniform_(max(0.0, 1 - strength), 1 + strength, generator=generator)
+
+    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """x: float images in [0, 1], (B, C, H, W) -> augmented (B, C, *img_size), still in [0, 1]."""
+        B = x.shape[0]
+        if self.scale is not None:
+            area = torch.empty(B).uniform_(*self.scale, generator=generator)
+            log_r = torch.empty(B).uniform_(*self.log_ratio, generator=generator)
+            # crop width and height as fractions of the image, clipped to it (torchvision retries instead)
+            w = torch.sqrt(area * log_r.exp()).clamp(max=1.0)
+            h = torch.sqrt(area / log_r.exp()).clamp(max=1.0)
+            cx = (torch.rand(B, generator=generator) * 2 - 1) * (1 - w)
+            cy = (torch.rand(B, generator=generator) * 2 - 1) * (1 - h)
+        else:
+            w = h = torch.ones(B)
+            cx = cy = torch.zeros(B)
+        flip = torch.where(torch.rand(B, generator=generator) < self.hflip, -1.0, 1.0)
+        theta = torch.zeros(B, 2, 3)
+        theta[:, 0, 0] = w * flip
+        theta[:, 0, 2] = cx
+        theta[:, 1, 1] = h
+        theta[:, 1, 2] = cy
+        grid = F.affine_grid(theta, [B, x.shape[1], *self.img_size], align_corners=False)
+        x = F.grid_sample(x, grid, mode=self.mode, padding_mode='border', align_corners=False)
+
+        brightness, contrast, saturation = self.jitter  # applied in this order (torchvision shuffles it)
+        if brightness > 0:
+            x = (x * self._factors(brightness, B, generator)).clamp_(0, 1)
+        if contrast > 0 or (saturation > 0 and x.shape[1] == 3):
+            gray = x.mean(dim=1, keepdim=True) if x.shape[1] == 1 else (x * _LUMA.to(x)).sum(1, keepdim=True)
+            if contrast > 0:
+                c = self._factors(contrast, B, generator)
+                x = (c * x + (1 - c) * gray.mean(dim=(2, 3), keepdim=True)).clamp_(0, 1)
+            if saturation > 0 and x.shape[1] == 3:
+                gray = (x * _LUMA.to(x)).sum(1, keepdim=True)
+                s = self._factors(saturation, B, generator)
+                x = (s * x + (1 - s) * gray).clamp_(0, 1)
+        return x
+
+
+_LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # torchvision's rgb_to_grayscale weights
+
+
+class BatchLoader:
+    """Batches of an in-memory uint8 dataset, normalised and (optionally) augmented, one shard per process.
+
+    Args:
+        images: (N, C, H, W) uint8.
+        labels: (N,) int64.
+        batch_size: Per-process batch size.
+        mean, std: Normalisation, per channel, for [0, 1] images.
+        img_size: Output size; eval batches are resized to it when the images differ.
+        augment: Training augmentation; None for evaluation batches (resize only).
+        erase: Random erasing (timm's, on normalised images) after augmentation.
+        shuffle: Reshuffle every epoch (seeded with seed + epoch, identical on every process).
+        drop_last: Drop the last partial batch (training).
+        rank, world_size: This process's shard of each epoch's order.
+        interpolation: Resize mode for evaluation batches.
+    """
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        batch_size: int,
+        mean: Sequence[float],
+        std: Sequence[float],
+        img_size: tuple[int, int],
+        augment: BatchAugment | None = None,
+        erase: RandomErasing | None = None,
+        shuffle: bool = False,
+        drop_last: bool = False,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        interpolation: str = 'bilinear',
+    ) -> None:
+        if images.dtype != torch.uint8 or images.ndim != 4:
+            raise ValueError(f'Expected (N, C, H, W) uint8 images, got {tuple(images.shape)} {images.dtype}.')
+        if len(mean) != images.shape[1] or len(std) != images.shape[1]:
+            raise ValueError(f'mean/std have {len(mean)}/{len(std)} values for {images.shape[1]}-channel images.')
+        self.images, self.labels = images, labels
+        self.batch_size = batch_size
+        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
+        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.img_size = tuple(img_size)
+        self.augment = augment
+        self.erase = erase
+        self.shuffle, self.drop_last = shuffle, drop_last
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.interpolation = interpolation if interpolation in ('bilinear', 'bicubic', 'nearest') else 'bilinear'
+        self.epoch = 0
+        self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        # a fresh stream per epoch, so a run resumed at epoch N augments exactly as an uninterrupted one
+        self.generator.manual_seed(self.seed * 1000 + self.rank + 7919 * epoch)
+
+    def _order(self) -> torch.Tensor:
+        n = len(self.images)
+        if self.shuffle:
+            return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
+        return torch.arange(n)
+
+    def __len__(self) -> int:
+        global_batch = self.batch_size * self.world_size
+        n = len(self.images)
+        return n // global_batch if self.drop_last else math.ceil(n / global_batch)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        # Each step takes one global batch of the shared order and gives every process its slice of it, so
+        # N processes with batch_size B see the same samples per step as one process with batch_size N * B.
+        order = self._order()
+        global_batch = self.batch_size * self.world_size
+        for i in range(len(self)):
+            idx = torch.tensor_split(order[i * global_batch : (i + 1) * global_batch], self.world_size)[self.rank]
+            x = self.images[idx].float().div_(255)  # (B, C, H, W) in [0, 1]
+            if self.augment is not None:
+                x = self.augment(x, generator=self.generator)
+            elif x.shape[-2:] != self.img_size:
+                x = F.interpolate(x, size=self.img_size, mode=self.interpolation, align_corners=False)
+            x = x.sub_(self.mean).div_(self.std)
+            if self.erase is not None:
+                x = self.erase(x)
+            yield x, self.labels[idx]

@@ -270,14 +270,19 @@ def _rebuild(
     kwargs = dict(args.get('model_kwargs') or {})
     kwargs.update(model_kwargs or {})
 
-    # train.py builds 3-channel models unless told otherwise; when the args don't say, the patch weights do
-    weight_chans = state_dict['patch_embed.proj.weight'].shape[1]
+    # train.py builds 3-channel models unless told otherwise; when the args don't say, the input conv weights do
+    first_conv = timm.models.get_pretrained_cfg_value(name, 'first_conv') or 'patch_embed.proj'
+    if f'{first_conv}.weight' not in state_dict:
+        raise ValueError(
+            f'{source} does not hold {name} weights: no {first_conv}.weight (first keys: {_head(list(state_dict))}).'
+        )
+    weight_chans = state_dict[f'{first_conv}.weight'].shape[1]
     input_size = args.get('input_size') or [None]
     declared = _first(kwargs.pop('in_chans', None), args.get('in_chans'), input_size[0])
     if declared is not None and declared != weight_chans:
         raise ValueError(
-            f'in_chans mismatch in {source}: the training args say {declared} input channels, but the patch '
-            f'embedding weights take {weight_chans}.'
+            f'in_chans mismatch in {source}: the training args say {declared} input channels, but the input '
+            f'conv weights ({first_conv}) take {weight_chans}.'
         )
     head = state_dict.get('head.weight')
     weight_classes = head.shape[0] if head is not None else 0

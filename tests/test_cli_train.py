@@ -1,0 +1,125 @@
+"""`smallvit train` from the command line, under torchrun with 2 CPU processes, and the launchers."""
+
+import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from timm_smallvit.cli import main
+from timm_smallvit.launch import list_recipes, recipe_path, train_py_command
+
+from .test_trainer import QUICK
+
+# nano: no BatchNorm, so 2 processes x batch 32 compute exactly what 1 process x batch 64 does
+SETTINGS = dict(
+    QUICK, model='smallvit_nano_patch4_28', no_aug=True, train_num_samples=1024, val_num_samples=256, epochs=2
+)
+
+
+def _write_recipe(tmp_path: Path, **overrides) -> Path:
+    recipe = {k: v for k, v in dict(SETTINGS, **overrides).items() if v is not None}
+    path = tmp_path / 'recipe.yaml'
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def _state_dict(run_dir: Path) -> dict[str, torch.Tensor]:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(run_dir / 'last.pth.tar', map_location='cpu', weights_only=True)['state_dict']
+
+
+def test_cli_train_runs_a_recipe_with_overrides(tmp_path, fmnist_src, capsys):
+    recipe = _write_recipe(tmp_path)
+    code = main(
+        [
+            'train',
+            '--config',
+            str(recipe),
+            '--data-dir',
+            str(fmnist_src),
+            '--output',
+            str(tmp_path),
+            '--experiment',
+            'cli',
+            '--set',
+            'epochs=1',
+            'lr=0.002',
+        ]
+    )
+    assert code == 0
+    out = capsys.readouterr()
+    assert 'top-1' in out.out and str(tmp_path / 'cli') in out.out
+    assert 'img_s=' in out.err  # the progress bar
+    args = yaml.safe_load((tmp_path / 'cli' / 'args.yaml').read_text())
+    assert args['epochs'] == 1 and args['lr'] == 0.002
+
+
+def test_cli_train_refuses_unknown_keys_without_a_traceback(tmp_path, fmnist_src, capsys):
+    recipe = _write_recipe(tmp_path, color_jitter_prob=0.5)
+    code = main(['train', '--config', str(recipe), '--data-dir', str(fmnist_src), '--output', str(tmp_path)])
+    assert code == 1
+    assert 'does not honour recipe key(s): color_jitter_prob' in capsys.readouterr().err
+    assert not any(tmp_path.glob('*/args.yaml'))
+
+
+def test_torchrun_two_cpu_processes_match_one_process(tmp_path, fmnist_src):
+    """2 processes x batch 32 (gloo, DDP) take the same steps as 1 process x batch 64."""
+    recipe = _write_recipe(tmp_path, batch_size=32)
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    command = [
+        sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
+        '-m', 'timm_smallvit.cli', 'train', '--config', str(recipe), '--data-dir', str(fmnist_src),
+        '--output', str(tmp_path), '--experiment', 'ddp',
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert main(
+        ['train', '--config', str(recipe), '--data-dir', str(fmnist_src), '--output', str(tmp_path),
+         '--experiment', 'single', '--set', 'batch_size=64']
+    ) == 0  # fmt: skip
+    ddp, single = _state_dict(tmp_path / 'ddp'), _state_dict(tmp_path / 'single')
+    assert set(ddp) == set(single)  # saved unwrapped: no 'module.' prefix
+    for key in single:
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-3, atol=1e-4, msg=key)
+    ddp_args = yaml.safe_load((tmp_path / 'ddp' / 'args.yaml').read_text())
+    assert ddp_args['world_size'] == 2 and ddp_args['distributed'] is True
+
+
+def test_recipes_are_listed_and_resolved(capsys):
+    recipes = list_recipes()
+    assert {'fashion_mnist_seed', 'fashion_mnist_demo', 'cifar10_32'} <= set(recipes)
+    assert recipe_path('fashion_mnist_seed') == recipes['fashion_mnist_seed']
+    with pytest.raises(FileNotFoundError, match='shipped recipes: '):
+        recipe_path('no_such_recipe')
+    assert main(['recipes']) == 0
+    assert 'fashion_mnist_demo' in capsys.readouterr().out
+
+
+def test_train_py_command_lines(tmp_path):
+    single = train_py_command('fashion_mnist_seed', '/opt/timm/train.py', '/data/fmnist', output='out')
+    assert single[:2] == [sys.executable, '/opt/timm/train.py']
+    assert single[2:4] == ['--config', str(recipe_path('fashion_mnist_seed'))]
+    assert single[4:6] == ['--device-modules', 'timm_smallvit'] and '--dataset-download' in single
+    multi = train_py_command(
+        'cifar10_32', 'train.py', 'd', nproc_per_node=8, nnodes=2, node_rank=1, master_addr='10.0.0.1'
+    )
+    assert multi[:6] == [
+        'torchrun',
+        '--nproc_per_node=8',
+        '--nnodes=2',
+        '--node_rank=1',
+        '--master_addr=10.0.0.1',
+        '--master_port=29500',
+    ]
+    with pytest.raises(ValueError, match='master_addr'):
+        train_py_command('cifar10_32', 'train.py', 'd', nproc_per_node=8, nnodes=2)
+
+
+def test_run_refuses_a_missing_script():
+    with pytest.raises(FileNotFoundError, match='pytorch-image-models checkout'):
+        main(['run', '/nonexistent/validate.py', '--model', 'smallvit'])

@@ -1,0 +1,164 @@
+"""The quick trainer on real Fashion-MNIST: learning, resume, NaN stop, recipe keys, train.py's format."""
+
+import argparse
+import csv
+import importlib.util
+import logging
+import os
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+import yaml
+
+from timm_smallvit.trainer import TRAIN_PY_DEFAULTS, NonFiniteLossError, load_recipe, resolve_args, train
+
+# Small enough for a few seconds an epoch on 2 CPU cores, real enough to learn.
+QUICK = dict(
+    model='smallvit_tiny_convstem_28',
+    dataset='torch/fashion_mnist',
+    input_img_mode='L',
+    opt='adamw',
+    lr=3e-3,
+    weight_decay=0.05,
+    sched='cosine',
+    warmup_epochs=0,
+    batch_size=64,
+    train_num_samples=1536,
+    val_num_samples=512,
+    smoothing=0.0,
+    scale=[0.7, 1.0],
+    color_jitter=0.0,
+    checkpoint_hist=3,
+)
+
+
+def _run(tmp_path: Path, fmnist_src: Path, name: str, **overrides):
+    recipe = dict(QUICK, data_dir=str(fmnist_src), output=str(tmp_path), experiment=name)
+    recipe.update(overrides)
+    return train(resolve_args(recipe))
+
+
+def _summary(run_dir: Path) -> list[dict[str, float]]:
+    with (run_dir / 'summary.csv').open() as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+def _load_checkpoint(path: Path) -> dict:
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def test_loss_falls_on_real_data_and_outputs_match_train_py(tmp_path, fmnist_src):
+    result = _run(tmp_path, fmnist_src, 'learn', epochs=3, model_ema=True, model_ema_decay=0.9)
+    run_dir = result['output_dir']
+    rows = _summary(run_dir)
+    assert [r['epoch'] for r in rows] == [0, 1, 2]
+    assert list(rows[0]) == ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']  # train.py's
+    assert rows[-1]['train_loss'] < 0.75 * rows[0]['train_loss']
+    assert rows[-1]['eval_top1'] > 55.0  # chance is 10
+    assert result['eval_metrics']['top1'] == rows[-1]['eval_top1']
+
+    names = sorted(p.name for p in run_dir.iterdir())
+    assert names == sorted(
+        ['args.yaml', 'summary.csv', 'last.pth.tar', 'model_best.pth.tar']
+        + [f'checkpoint-{i}.pth.tar' for i in range(3)]
+    )
+    checkpoint = _load_checkpoint(run_dir / 'last.pth.tar')
+    expected_keys = {'epoch', 'arch', 'state_dict', 'state_dict_ema', 'optimizer', 'args', 'metric', 'version'}
+    assert expected_keys <= set(checkpoint)
+    assert checkpoint['arch'] == 'smallvit_tiny_convstem_28' and checkpoint['epoch'] == 2
+    assert isinstance(checkpoint['args'], argparse.Namespace) and checkpoint['args'].lr == 3e-3
+    assert yaml.safe_load((run_dir / 'args.yaml').read_text())['model'] == 'smallvit_tiny_convstem_28'
+
+    # the checkpoint's EMA weights are the model that was evaluated last, and timm's own loader reads them
+    model = timm.create_model('smallvit_tiny_convstem_28')
+    timm.models.load_checkpoint(model, str(run_dir / 'last.pth.tar'), use_ema=True)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, result['model'].state_dict()[k])
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path, fmnist_src):
+    full = _run(tmp_path, fmnist_src, 'full', epochs=2)
+    first_epoch = full['output_dir'] / 'checkpoint-0.pth.tar'
+    resumed = _run(tmp_path, fmnist_src, 'resumed', epochs=2, resume=str(first_epoch))
+    rows_full, rows_resumed = _summary(full['output_dir']), _summary(resumed['output_dir'])
+    assert [r['epoch'] for r in rows_resumed] == [1]
+    assert rows_resumed[0]['eval_top1'] == rows_full[1]['eval_top1']
+    full_state = full['model'].state_dict()
+    for k, v in resumed['model'].state_dict().items():
+        torch.testing.assert_close(v, full_state[k], rtol=1e-5, atol=1e-6)
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fmnist_src):
+    # epoch 0 trains normally; the step schedule then multiplies lr by 1e12 and the loss blows up in epoch 1
+    message = r'at epoch 1 step \d+: training stopped\. The last good checkpoint is'
+    with pytest.raises(NonFiniteLossError, match=message):
+        _run(tmp_path, fmnist_src, 'nan', epochs=3, sched='step', decay_epochs=1, decay_rate=1e12, opt='sgd', lr=0.05)
+    run_dir = tmp_path / 'nan'
+    assert [r['epoch'] for r in _summary(run_dir)] == [0]
+    checkpoint = _load_checkpoint(run_dir / 'last.pth.tar')
+    assert checkpoint['epoch'] == 0
+    assert all(torch.isfinite(v).all() for v in checkpoint['state_dict'].values())
+
+
+def test_unknown_recipe_keys_are_refused_by_name(fmnist_src):
+    with pytest.raises(ValueError, match=r'does not honour recipe key\(s\): aa, workers'):
+        resolve_args(dict(QUICK, data_dir=str(fmnist_src), aa='rand-m9', workers=4))
+    with pytest.raises(ValueError, match=r"dataset 'torch/imagenet'"):
+        resolve_args(dict(QUICK, data_dir=str(fmnist_src), dataset='torch/imagenet'))
+    with pytest.raises(ValueError, match='data_dir is not set'):
+        resolve_args(dict(QUICK))
+
+
+def test_existing_run_is_not_overwritten(tmp_path, fmnist_src):
+    (tmp_path / 'taken').mkdir()
+    (tmp_path / 'taken' / 'summary.csv').write_text('precious\n')
+    with pytest.raises(FileExistsError, match='already holds a run'):
+        _run(tmp_path, fmnist_src, 'taken', epochs=1)
+    assert (tmp_path / 'taken' / 'summary.csv').read_text() == 'precious\n'
+
+
+def test_bf16_autocast_on_cpu(tmp_path, fmnist_src, caplog):
+    caplog.set_level(logging.WARNING)
+    result = _run(
+        tmp_path,
+        fmnist_src,
+        'bf16',
+        epochs=1,
+        amp=True,
+        amp_dtype='bfloat16',
+        batch_size=16,
+        train_num_samples=32,
+        val_num_samples=32,
+    )
+    assert _summary(result['output_dir'])[0]['train_loss'] > 0
+    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    assert native or 'no native bfloat16' in caplog.text  # this CPU's limit is said, not hidden
+
+
+def test_shipped_recipes_use_only_honoured_keys(fmnist_src):
+    recipes = sorted((Path(__file__).parents[1] / 'timm_smallvit' / 'recipes').glob('*.yaml'))
+    assert len(recipes) >= 3
+    for path in recipes:
+        recipe = load_recipe(path)
+        assert set(recipe) <= set(TRAIN_PY_DEFAULTS), path.name
+        assert timm.is_model(recipe['model'])
+
+
+def _train_py_module():
+    path = os.environ.get('TIMM_TRAIN_PY')
+    if not path:
+        pytest.skip("TIMM_TRAIN_PY is not set (path to timm's train.py from a pytorch-image-models checkout)")
+    spec = importlib.util.spec_from_file_location('timm_train_py', path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)  # defines the parser; main() runs only as __main__
+    return module
+
+
+def test_defaults_are_train_py_defaults():
+    defaults = vars(_train_py_module().parser.parse_args([]))
+    for key, value in TRAIN_PY_DEFAULTS.items():
+        assert key in defaults, f'{key} is not a train.py argument'
+        assert defaults[key] == value, f'{key}: train.py default {defaults[key]!r}, ours {value!r}'

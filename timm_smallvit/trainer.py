@@ -1,0 +1,512 @@
+"""The quick trainer behind ``smallvit train``: timm's train.py recipe format, built from timm's own parts.
+
+It is for a CPU or a few GPUs and small in-memory datasets (Fashion-MNIST, CIFAR-10). Recipes are YAML files with
+train.py's argument names, so the same file drives ``train.py --config``. The trainer honours the keys listed in
+:data:`TRAIN_PY_DEFAULTS` (with train.py's defaults) and refuses any other key by name rather than ignore it.
+
+Pieces from timm: ClassificationTask / LogitDistillationTask and their evaluator (timm.task), create_optimizer_v2,
+create_scheduler_v2, ModelEmaV3 (through the task), Mixup, the loss classes, CheckpointSaver and update_summary, so
+checkpoints, ``summary.csv`` and ``args.yaml`` come out as train.py writes them and ``smallvit export`` takes both.
+What it adds: data held in memory as uint8 tensors with augmentation on whole batches (:mod:`timm_smallvit.data`),
+torchrun on CPU (gloo) as well as GPUs (NCCL), a progress bar, a clear stop on a non-finite loss.
+"""
+
+import argparse
+import contextlib
+import logging
+import os
+import time
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+import torch.distributed as dist
+import yaml
+from timm.data import Mixup, resolve_data_config
+from timm.data.random_erasing import RandomErasing
+from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
+from timm.models import safe_model_name
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.task import ClassificationTask, LogitDistillationTask, load_task_ema_checkpoint, resume_task_checkpoint
+from timm.utils import CheckpointSaver, NativeScaler, init_distributed_device, update_summary
+from tqdm import tqdm
+
+from .data import DATASETS, BatchAugment, BatchLoader, load_dataset
+
+__all__ = ['TRAIN_PY_DEFAULTS', 'NonFiniteLossError', 'load_recipe', 'resolve_args', 'train']
+
+_logger = logging.getLogger(__name__)
+
+# The train.py arguments this trainer honours, with train.py's defaults (tests check them against train.py's parser).
+TRAIN_PY_DEFAULTS: dict[str, Any] = {
+    # dataset
+    'data_dir': None,
+    'dataset': '',
+    'dataset_download': False,
+    'input_img_mode': None,
+    'train_num_samples': None,  # here: use only the first N training images
+    'val_num_samples': None,  # here: evaluate on the first N test images
+    # model
+    'model': 'resnet50',
+    'initial_checkpoint': '',
+    'resume': '',
+    'no_resume_opt': False,
+    'num_classes': None,
+    'gp': None,
+    'img_size': None,
+    'in_chans': None,
+    'input_size': None,
+    'crop_pct': None,
+    'mean': None,
+    'std': None,
+    'interpolation': '',
+    'batch_size': 128,
+    'validation_batch_size': None,
+    'grad_checkpointing': False,
+    'model_kwargs': {},
+    'torchcompile_mode': None,
+    'torchcompile': None,
+    'device': 'cuda',  # here: cuda when available, else cpu
+    'amp': False,
+    'amp_dtype': 'float16',
+    # optimizer
+    'opt': 'sgd',
+    'opt_eps': None,
+    'opt_betas': None,
+    'momentum': 0.9,
+    'weight_decay': 2e-5,
+    'clip_grad': None,
+    'clip_mode': 'norm',
+    'layer_decay': None,
+    'opt_kwargs': {},
+    # schedule
+    'sched': 'cosine',
+    'sched_on_updates': False,
+    'lr': None,
+    'lr_base': 0.1,
+    'lr_base_size': 256,
+    'lr_base_scale': '',
+    'lr_cycle_mul': 1.0,
+    'lr_cycle_decay': 0.5,
+    'lr_cycle_limit': 1,
+    'lr_k_decay': 1.0,
+    'warmup_lr': 1e-5,
+    'min_lr': 0,
+    'epochs': 300,
+    'start_epoch': None,
+    'decay_milestones': [90, 180, 270],
+    'decay_epochs': 90,
+    'warmup_epochs': 5,
+    'warmup_prefix': False,
+    'cooldown_epochs': 0,
+    'patience_epochs': 10,
+    'decay_rate': 0.1,
+    # augmentation and regularization
+    'no_aug': False,
+    'scale': [0.08, 1.0],
+    'ratio': [3 / 4, 4 / 3],
+    'hflip': 0.5,
+    'color_jitter': 0.4,
+    'reprob': 0.0,
+    'remode': 'pixel',
+    'recount': 1,
+    'mixup': 0.0,
+    'cutmix': 0.0,
+    'cutmix_minmax': None,
+    'mixup_prob': 1.0,
+    'mixup_switch_prob': 0.5,
+    'mixup_mode': 'batch',
+    'mixup_off_epoch': 0,
+    'smoothing': 0.1,
+    'drop': 0.0,
+    'drop_path': None,
+    'model_ema': False,
+    'model_ema_decay': 0.9998,
+    'model_ema_warmup': False,
+    # distillation (logit only)
+    'kd_model_name': None,
+    'kd_distill_type': 'logit',
+    'kd_loss_type': 'kl',
+    'distill_loss_weight': None,
+    'task_loss_weight': None,
+    'kd_temperature': 4.0,
+    # misc
+    'seed': 42,
+    'log_interval': 50,
+    'checkpoint_hist': 10,
+    'output': '',
+    'experiment': '',
+    'eval_metric': 'top1',
+}
+
+
+class NonFiniteLossError(FloatingPointError):
+    """Training stopped because the loss became NaN or infinite."""
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML recipe (train.py's --config format: a mapping of train.py argument names to values)."""
+    path = Path(path)
+    with path.open() as f:
+        recipe = yaml.safe_load(f) or {}
+    if not isinstance(recipe, dict):
+        raise ValueError(f'{path}: a recipe is a YAML mapping of train.py argument names, got {type(recipe).__name__}.')
+    return recipe
+
+
+def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace:
+    """Merge train.py's defaults, a recipe and overrides into the Namespace that checkpoints carry.
+
+    Raises:
+        ValueError: for keys this trainer does not honour (named), or values it cannot use.
+    """
+    merged = dict(recipe)
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(merged) - set(TRAIN_PY_DEFAULTS))
+    if unknown:
+        raise ValueError(
+            f'smallvit train does not honour recipe key(s): {", ".join(unknown)}. Remove them, or run the recipe '
+            f"with timm's train.py (scripts/train_py.py builds its command line)."
+        )
+    args = argparse.Namespace(**{**TRAIN_PY_DEFAULTS, **merged})
+    if args.dataset not in DATASETS:
+        raise ValueError(f'dataset {args.dataset!r}: the quick trainer reads {", ".join(DATASETS)}.')
+    if args.data_dir is None:
+        raise ValueError('data_dir is not set: point it at the dataset (Fashion-MNIST: the release *-ubyte.gz files).')
+    if args.amp and args.amp_dtype not in ('bfloat16', 'float16'):
+        raise ValueError(f"amp_dtype {args.amp_dtype!r}: use 'bfloat16' or 'float16'.")
+    if args.kd_model_name and args.kd_distill_type != 'logit':
+        raise ValueError(f'kd_distill_type {args.kd_distill_type!r}: the quick trainer distills logits only.')
+    if args.num_classes is None:
+        args.num_classes = len(DATASETS[args.dataset])
+    if args.dataset == 'torch/fashion_mnist' and args.in_chans is None and args.input_size is None:
+        args.in_chans = 1
+    return args
+
+
+def _autocast(args: argparse.Namespace, device: torch.device):
+    if not args.amp:
+        return contextlib.nullcontext
+    dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    if device.type == 'cpu':
+        if dtype != torch.bfloat16:
+            raise ValueError('amp on CPU needs amp_dtype: bfloat16 (float16 autocast is for CUDA).')
+        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            _logger.warning(
+                'This CPU has no native bfloat16 matrix instructions (no AVX512-BF16 / AMX): bf16 autocast '
+                'emulates them and is far slower than float32 here. Consider amp: false.'
+            )
+    return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _is_primary(args: argparse.Namespace) -> bool:
+    return args.rank == 0
+
+
+def _resolve_lr(args: argparse.Namespace) -> None:
+    # train.py's rule: lr = lr_base * (global batch / lr_base_size), square-rooted for adaptive optimizers
+    if args.lr:
+        return
+    batch_ratio = args.batch_size * args.world_size / args.lr_base_size
+    if not args.lr_base_scale:
+        args.lr_base_scale = 'sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear'
+    if args.lr_base_scale == 'sqrt':
+        batch_ratio = batch_ratio**0.5
+    args.lr = args.lr_base * batch_ratio
+
+
+def _output_dir(args: argparse.Namespace, img_size: int) -> Path:
+    name = args.experiment or '-'.join([time.strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(img_size)])
+    out = Path(args.output or './output/train') / name
+    if out.exists() and any(out.iterdir()) and not args.resume:
+        raise FileExistsError(
+            f'{out} already holds a run. Choose another experiment name, or resume it with resume: '
+            f'{out / "last.pth.tar"}.'
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _all_finite(loss: torch.Tensor, args: argparse.Namespace) -> bool:
+    finite = torch.isfinite(loss.detach()).float()
+    if args.distributed:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank stops together, none waits on a collective
+    return bool(finite.item())
+
+
+def _evaluate(task, model: torch.nn.Module, loader: BatchLoader, args, device, amp_autocast) -> OrderedDict:
+    evaluator = task.create_evaluator()
+    model.eval()
+    with torch.inference_mode():
+        for x, y in loader:
+            if not len(x):  # the last global batch can leave a process nothing
+                continue
+            x, y = x.to(device), y.to(device)
+            with amp_autocast():
+                output = model(x)
+            evaluator.update(output.float(), y)
+    return evaluator.compute(distributed=args.distributed)
+
+
+def train(args: argparse.Namespace) -> dict[str, Any]:
+    """Train as ``args`` (from :func:`resolve_args`) says; returns the output folder and final metrics.
+
+    Raises:
+        NonFiniteLossError: when the loss stops being finite; checkpoints from earlier epochs are kept.
+    """
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        args.device = 'cpu'
+    device = init_distributed_device(args)  # torchrun: gloo on CPU, NCCL on CUDA
+    torch.manual_seed(args.seed + args.rank)
+    amp_autocast = _autocast(args, device)
+    loss_scaler = NativeScaler() if args.amp and args.amp_dtype == 'float16' else None
+    primary = _is_primary(args)
+
+    in_chans = args.in_chans if args.in_chans is not None else (args.input_size[0] if args.input_size else 3)
+    model = timm.create_model(
+        args.model,
+        in_chans=in_chans,
+        num_classes=args.num_classes,
+        drop_rate=args.drop,
+        drop_path_rate=args.drop_path,
+        global_pool=args.gp,
+        checkpoint_path=args.initial_checkpoint or None,
+        **args.model_kwargs,
+    )
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(True)
+    data_config = resolve_data_config(vars(args), model=model, verbose=False)
+    img_size = tuple(data_config['input_size'][1:])
+    model.to(device)
+    if primary:
+        n_params = sum(p.numel() for p in model.parameters())
+        _logger.info(f'Model {args.model} created, {n_params:,} parameters, input {data_config["input_size"]}')
+
+    train_x, train_y = load_dataset(args.dataset, args.data_dir, train=True, download=args.dataset_download)
+    eval_x, eval_y = load_dataset(args.dataset, args.data_dir, train=False, download=args.dataset_download)
+    if args.train_num_samples:
+        train_x, train_y = train_x[: args.train_num_samples], train_y[: args.train_num_samples]
+    if args.val_num_samples:
+        eval_x, eval_y = eval_x[: args.val_num_samples], eval_y[: args.val_num_samples]
+    if train_x.shape[1] != in_chans:
+        raise ValueError(
+            f'{args.dataset} images have {train_x.shape[1]} channel(s) but the model takes {in_chans}: '
+            f'set in_chans: {train_x.shape[1]} (and input_img_mode) in the recipe.'
+        )
+    augment = None
+    if not args.no_aug:
+        augment = BatchAugment(
+            img_size,
+            scale=args.scale,
+            ratio=args.ratio,
+            hflip=args.hflip,
+            color_jitter=args.color_jitter,
+            interpolation=data_config['interpolation'],
+        )
+    erase = None
+    if not args.no_aug and args.reprob > 0:
+        erase = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device='cpu')
+    common = dict(
+        mean=data_config['mean'],
+        std=data_config['std'],
+        img_size=img_size,
+        rank=args.rank,
+        world_size=args.world_size,
+        interpolation=data_config['interpolation'],
+    )
+    loader_train = BatchLoader(
+        train_x,
+        train_y,
+        args.batch_size,
+        augment=augment,
+        erase=erase,
+        shuffle=True,
+        drop_last=True,
+        seed=args.seed,
+        **common,
+    )
+    loader_eval = BatchLoader(eval_x, eval_y, args.validation_batch_size or args.batch_size, **common)
+
+    mixup_fn = None
+    if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
+        mixup_fn = Mixup(
+            mixup_alpha=args.mixup,
+            cutmix_alpha=args.cutmix,
+            cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob,
+            switch_prob=args.mixup_switch_prob,
+            mode=args.mixup_mode,
+            label_smoothing=args.smoothing,
+            num_classes=args.num_classes,
+        )
+        train_loss_fn = SoftTargetCrossEntropy()
+    elif args.smoothing:
+        train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
+    else:
+        train_loss_fn = torch.nn.CrossEntropyLoss()
+
+    if args.kd_model_name:
+        task = LogitDistillationTask(
+            student_model=model,
+            teacher_model=args.kd_model_name,
+            criterion=train_loss_fn,
+            loss_type=args.kd_loss_type,
+            distill_loss_weight=args.distill_loss_weight,
+            task_loss_weight=args.task_loss_weight,
+            temperature=args.kd_temperature,
+            device=device,
+            verbose=primary,
+        )
+    else:
+        task = ClassificationTask(model, criterion=train_loss_fn, device=device, verbose=primary)
+
+    _resolve_lr(args)
+    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    resume_epoch = None
+    if args.resume:
+        resume_epoch = resume_task_checkpoint(
+            task,
+            args.resume,
+            optimizer=None if args.no_resume_opt else optimizer,
+            loss_scaler=None if args.no_resume_opt else loss_scaler,
+            log_info=primary,
+        )
+    if args.model_ema:
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
+        if args.resume:
+            load_task_ema_checkpoint(task, args.resume)
+    if args.torchcompile:
+        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+        if task.has_ema():
+            task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
+    if args.distributed:
+        task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None)
+
+    updates_per_epoch = len(loader_train)
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer,
+        **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+        updates_per_epoch=updates_per_epoch,
+    )
+    start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
+    if lr_scheduler is not None and start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+
+    output_dir = saver = None
+    if primary:
+        output_dir = _output_dir(args, img_size[-1])
+        saver = CheckpointSaver(
+            model=task.get_trainable_module(),
+            optimizer=optimizer,
+            args=args,
+            amp_scaler=loss_scaler,
+            checkpoint_dir=str(output_dir),
+            recovery_dir=str(output_dir),
+            decreasing=args.eval_metric == 'loss',
+            max_history=args.checkpoint_hist,
+            task=task,
+        )
+        (output_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), default_flow_style=False))
+        _logger.info(f'Output to {output_dir}; {num_epochs} epochs of {updates_per_epoch} steps, lr {args.lr:.3g}')
+
+    eval_metrics: dict[str, float] = {}
+    best_metric = best_epoch = None
+    num_updates = start_epoch * updates_per_epoch
+    for epoch in range(start_epoch, num_epochs):
+        loader_train.set_epoch(epoch)
+        torch.manual_seed(args.seed + args.rank + 7919 * epoch)  # dropout etc.: a resumed run repeats this epoch
+        if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+            mixup_fn.mixup_enabled = False
+        trainable = task.get_trainable_module()
+        trainable.train()
+        loss_sum, loss_count, seen, t_epoch = 0.0, 0, 0, time.perf_counter()
+        bar = tqdm(
+            loader_train,
+            total=updates_per_epoch,
+            desc=f'epoch {epoch + 1}/{num_epochs}',
+            disable=not primary,
+            mininterval=2.0,
+            leave=False,
+            dynamic_ncols=True,
+        )
+        for step, (x, y) in enumerate(bar):
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if mixup_fn is not None:
+                x, y = mixup_fn(x, y)
+            with amp_autocast():
+                loss = task(x, y)['loss']
+            if not _all_finite(loss, args):
+                last = output_dir / 'last.pth.tar' if output_dir else None
+                raise NonFiniteLossError(
+                    f'Loss is {loss.item()} at epoch {epoch} step {step}: training stopped. '
+                    + (f'The last good checkpoint is {last}. ' if last and last.exists() else 'No checkpoint yet. ')
+                    + 'Lower lr, add warmup_epochs or clip_grad, and resume or restart.'
+                )
+            if loss_scaler is not None:
+                loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode)
+            else:
+                loss.backward()
+                if args.clip_grad is not None:
+                    timm.utils.dispatch_clip_grad(task.get_clip_parameters(), value=args.clip_grad, mode=args.clip_mode)
+                optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            num_updates += 1
+            task.update_ema(step=num_updates)
+            if lr_scheduler is not None:
+                lr_scheduler.step_update(num_updates=num_updates)
+            loss_sum += loss.item() * x.shape[0]
+            loss_count += x.shape[0]
+            seen += x.shape[0] * args.world_size
+            if primary and (step % args.log_interval == 0 or step == updates_per_epoch - 1):
+                rate = seen / (time.perf_counter() - t_epoch)
+                bar.set_postfix(
+                    loss=f'{loss_sum / loss_count:.4f}',
+                    lr=f'{optimizer.param_groups[0]["lr"]:.2e}',
+                    img_s=f'{rate:.0f}',
+                )
+        bar.close()
+        train_loss = torch.tensor([loss_sum / max(loss_count, 1)], device=device)
+        if args.distributed:
+            dist.all_reduce(train_loss)
+            train_loss /= args.world_size
+        train_metrics = OrderedDict(loss=train_loss.item())
+        train_time = time.perf_counter() - t_epoch
+
+        eval_metrics = _evaluate(task, task.get_eval_model(), loader_eval, args, device, amp_autocast)
+        if task.has_ema():
+            eval_metrics = _evaluate(task, task.get_eval_model(ema=True), loader_eval, args, device, amp_autocast)
+        lrs = [group['lr'] for group in optimizer.param_groups]
+        if primary:
+            update_summary(
+                epoch,
+                train_metrics,
+                eval_metrics,
+                filename=str(output_dir / 'summary.csv'),
+                lr=sum(lrs) / len(lrs),
+            )  # timm writes the header when the file is new, so a resumed run appends to its own log
+            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
+            _logger.info(
+                f'epoch {epoch + 1}/{num_epochs}  train loss {train_metrics["loss"]:.4f}  '
+                f'eval loss {eval_metrics["loss"]:.4f}  top-1 {eval_metrics["top1"]:.2f}  '
+                f'top-5 {eval_metrics["top5"]:.2f}  ({train_time:.0f}s, {seen / train_time:.0f} img/s)'
+            )
+        if lr_scheduler is not None:
+            lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+
+    if args.distributed:
+        dist.barrier()
+    return dict(
+        output_dir=output_dir,
+        eval_metrics=dict(eval_metrics),
+        best_metric=best_metric,
+        best_epoch=best_epoch,
+        model=timm.utils.unwrap_model(task.get_eval_model(ema=task.has_ema())),
+        data_config=data_config,
+        args=args,
+    )
