@@ -10,7 +10,8 @@ __all__ = ['main']
 
 def _setup_logging() -> None:
     logging.basicConfig(level=logging.INFO, format='%(message)s')
-    for noisy in ('timm.utils.checkpoint_saver', 'timm.task', 'timm.models._builder', 'timm.models._hub'):
+    noisy_loggers = ('timm.utils.checkpoint_saver', 'timm.task', 'timm.models._builder', 'timm.models._helpers')
+    for noisy in (*noisy_loggers, 'timm.models._hub'):
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 

@@ -252,7 +252,11 @@ def _evaluate(task, model: torch.nn.Module, loader: BatchLoader, args, device, a
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Train as ``args`` (from :func:`resolve_args`) says; returns the output folder and final metrics.
+    """Train as ``args`` (from :func:`resolve_args`) says.
+
+    Returns:
+        output_dir, eval_metrics (last epoch), best_metric/best_epoch, history (per-epoch metrics and cumulative
+        wall time), model (the evaluated module, EMA if any, unwrapped), data_config, args.
 
     Raises:
         NonFiniteLossError: when the loss stops being finite; checkpoints from earlier epochs are kept.
@@ -417,6 +421,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     eval_metrics: dict[str, float] = {}
     best_metric = best_epoch = None
+    history: list[dict[str, float]] = []  # per epoch, with cumulative wall time (for accuracy-vs-time plots)
+    t_start = time.perf_counter()
     num_updates = start_epoch * updates_per_epoch
     for epoch in range(start_epoch, num_epochs):
         loader_train.set_epoch(epoch)
@@ -496,6 +502,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 f'eval loss {eval_metrics["loss"]:.4f}  top-1 {eval_metrics["top1"]:.2f}  '
                 f'top-5 {eval_metrics["top5"]:.2f}  ({train_time:.0f}s, {seen / train_time:.0f} img/s)'
             )
+        history.append(
+            dict(epoch=epoch, wall_time=time.perf_counter() - t_start, train_loss=train_metrics['loss'], **eval_metrics)
+        )
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
 
@@ -506,6 +515,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         eval_metrics=dict(eval_metrics),
         best_metric=best_metric,
         best_epoch=best_epoch,
+        history=history,
         model=timm.utils.unwrap_model(task.get_eval_model(ema=task.has_ema())),
         data_config=data_config,
         args=args,
