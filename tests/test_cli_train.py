@@ -123,3 +123,18 @@ def test_train_py_command_lines(tmp_path):
 def test_run_refuses_a_missing_script():
     with pytest.raises(FileNotFoundError, match='pytorch-image-models checkout'):
         main(['run', '/nonexistent/validate.py', '--model', 'smallvit'])
+
+
+def test_cli_train_py_prints_the_command(fmnist_src, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv('SMALLVIT_CACHE', str(tmp_path / 'cache'))
+    code = main(
+        ['train-py', 'fashion_mnist_demo', '--train-py', '/opt/timm/train.py', '--data-dir', str(fmnist_src),
+         '--', '--epochs', '1']
+    )  # fmt: skip
+    assert code == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(f'{sys.executable} /opt/timm/train.py --config ')
+    assert '--epochs 1' in line and '--device-modules timm_smallvit' in line
+    # the release files were laid out as the torchvision root train.py's --data-dir needs
+    root = tmp_path / 'cache' / 'fashion-mnist'
+    assert f'--data-dir {root}' in line and (root / 'FashionMNIST' / 'raw' / 'train-images-idx3-ubyte.gz').exists()

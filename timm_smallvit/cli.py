@@ -50,13 +50,25 @@ def _recipes(args: argparse.Namespace) -> int:
 
 def _train_py(args: argparse.Namespace) -> int:
     import subprocess
+    from pathlib import Path
 
-    from .launch import format_command, train_py_command
+    import torch
 
+    from .data import prepare_fashion_mnist
+    from .launch import format_command, recipe_path, train_py_command
+    from .trainer import load_recipe
+
+    data_dir = args.data_dir
+    recipe = load_recipe(recipe_path(args.recipe))
+    if recipe.get('dataset') == 'torch/fashion_mnist' and (Path(data_dir) / 'train-images-idx3-ubyte.gz').is_file():
+        data_dir = prepare_fashion_mnist(data_dir)  # torchvision wants <root>/FashionMNIST/raw/: lay it out
+    extra = list(args.extra)
+    if not torch.cuda.is_available() and '--device' not in extra and 'device' not in recipe:
+        extra += ['--device', 'cpu']  # train.py defaults to cuda
     command = train_py_command(
         args.recipe,
         args.train_py,
-        args.data_dir,
+        data_dir,
         output=args.output,
         experiment=args.experiment,
         nproc_per_node=args.nproc_per_node,
@@ -64,7 +76,7 @@ def _train_py(args: argparse.Namespace) -> int:
         node_rank=args.node_rank,
         master_addr=args.master_addr,
         master_port=args.master_port,
-        extra=args.extra,
+        extra=extra,
     )
     print(format_command(command), flush=True)
     return subprocess.call(command) if args.run else 0
@@ -162,7 +174,10 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     recipes = sub.add_parser('recipes', help='list the shipped recipes and their paths')
     recipes.set_defaults(func=_recipes)
 
-    train_py = sub.add_parser('train-py', help="print (or --run) the command that runs a recipe with timm's train.py")
+    train_py = sub.add_parser(
+        'train-py',
+        help="print (or --run) the command that runs a recipe with timm's train.py; more train.py args after --",
+    )
     train_py.add_argument('recipe', help='a shipped recipe name or a YAML path')
     train_py.add_argument('--train-py', required=True, help='path of train.py from a pytorch-image-models checkout')
     train_py.add_argument('--data-dir', required=True, help='dataset folder for --data-dir')
@@ -174,7 +189,7 @@ def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     train_py.add_argument('--master-addr')
     train_py.add_argument('--master-port', type=int)
     train_py.add_argument('--run', action='store_true', help='run it instead of only printing it')
-    train_py.add_argument('extra', nargs=argparse.REMAINDER, help='more train.py arguments, after --')
+    train_py.set_defaults(extra=[])  # train.py arguments after a `--`, split off in main()
     train_py.set_defaults(func=_train_py)
 
     run = sub.add_parser('run', help='run a timm script (validate.py, inference.py, ...) with smallvit registered')
@@ -192,9 +207,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if argv[:1] == ['train-py'] and '--' in argv:  # `smallvit train-py RECIPE ... -- <more train.py arguments>`
+        cut = argv.index('--')
+        argv, extra = argv[:cut], argv[cut + 1 :]
     args = build_parser().parse_args(argv)
-    if getattr(args, 'extra', None) and args.extra[0] == '--':
-        args.extra = args.extra[1:]
+    if args.command == 'train-py':
+        args.extra = extra
     if args.command == 'run':
         return args.func(args)  # the script's own errors and exit codes are its own
     try:

@@ -1,0 +1,90 @@
+"""scripts/benchmark.py: a tiny end-to-end run, and the parts its numbers rest on (FLOPs, dropout, memory)."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope='module')
+def bench():
+    spec = importlib.util.spec_from_file_location('smallvit_benchmark', REPO_ROOT / 'scripts' / 'benchmark.py')
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tiny_run_prints_tables_and_writes_json(bench, tmp_path, capsys):
+    out_json = tmp_path / 'bench.json'
+    threads = torch.get_num_threads()
+    argv = ['--shapes', '28px', '--batch-sizes', '2', '--rounds', '2', '--no-compile', '--bf16', 'skip']
+    argv += ['--sweep-sizes', '28', '56', '--sweep-batch', '1', '--sweep-rounds', '1', '--min-time', '0.01']
+    argv += ['--warmup', '1', '--mm-size', '256', '--threads', '1', '--json', str(out_json)]
+    try:
+        result = bench.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    for text in ('| batch | model | mode | train img/s |', 'Image size sweep', "Issue 6's targets", 'native bf16:'):
+        assert text in out
+    assert 'not run (batch 128 not in this run)' in out
+    assert json.loads(out_json.read_text()) == json.loads(json.dumps(result))
+    assert out_json.with_suffix('.md').read_text().strip() in out
+
+    benches = result['benches']
+    compare = [b for b in benches if b['section'] == 'compare']
+    assert {b['model'] for b in compare} == {'smallvit', 'timm ViT', 'textbook'}
+    assert all(b['skipped'] == 'bf16 off' for b in compare if b['mode'] == 'bf16-autocast')
+    timed = [b for b in benches if not b['skipped']]
+    assert all(b['images_per_s'] > 0 and len(b['seconds_per_step_per_round']) == 2 for b in compare if b in timed)
+    assert result['peaks_flops_per_s']['fp32'] > 0
+
+    def get(model, kind):
+        return next(b for b in compare if b['model'] == model and b['kind'] == kind and b['mode'] == 'fp32')
+
+    for kind in ('train', 'infer'):
+        assert get('smallvit', kind)['flops_per_step'] == get('timm ViT', kind)['flops_per_step'] > 0
+    assert get('textbook', 'infer')['flops_per_step'] == get('smallvit', 'infer')['flops_per_step']
+
+    params = 2_679_946 * 4 / 2**20  # smallvit_small_patch4_28 in fp32, MiB
+    train, infer = get('smallvit', 'train')['memory'], get('smallvit', 'infer')['memory']
+    assert train['held_mib'] >= 3 * params  # parameters, gradients and AdamW's two moments (grads may be freed)
+    assert train['peak_mib'] > train['held_mib'] and train['step_peak_mib'] > 0
+    assert params <= infer['held_mib'] < params + 1 and infer['peak_mib'] < train['peak_mib']
+
+    sweep = [b for b in benches if b['section'] == 'sweep']
+    assert [(b['img_size'], b['tokens']) for b in sweep if b['kind'] == 'infer'] == [(28, 50), (56, 197)]
+
+
+def test_cpu_attention_flops_are_counted(bench):
+    """FlopCounterMode misses the CPU attention kernel by itself; the script adds it: 4 N^2 D per block forward."""
+    model = bench.build_models('smallvit_small_patch4_28', names=('smallvit',))['smallvit'].model
+    counted = bench.count_flops(model, (1, 28, 28), 10, 'infer')
+    with FlopCounterMode(display=False) as plain, torch.no_grad():
+        model(torch.randn(1, 1, 28, 28))
+    assert counted - plain.get_total_flops() == 6 * 4 * 50**2 * 192
+
+
+def test_timm_vit_and_textbook_get_the_seed_dropout(bench):
+    models = bench.build_models('smallvit')
+
+    def rates(name):
+        return {n: m.p for n, m in models[name].model.named_modules() if isinstance(m, nn.Dropout) and m.p > 0}
+
+    assert rates('smallvit') == rates('timm ViT') and len(rates('smallvit')) == 7  # pos + 3 per block
+    assert set(rates('textbook').values()) == {0.1}
+
+
+def test_options_and_warnings(bench):
+    quick, full = bench.parse_args(['--quick']), bench.parse_args([])
+    assert (quick.rounds, quick.compile, quick.batch_sizes) == (2, False, [1, 8])
+    assert (full.rounds, full.compile, full.batch_sizes) == (5, True, None)
+    assert bench.parse_args(['--quick', '--compile']).compile
+    assert bench.busy_warning(0.3, 2, 2) == ''
+    assert '--threads 1' in bench.busy_warning(2.0, 2, 2)
