@@ -120,6 +120,12 @@ def test_existing_run_is_not_overwritten(tmp_path, fmnist_src):
     assert (tmp_path / 'taken' / 'summary.csv').read_text() == 'precious\n'
 
 
+def test_fewer_images_than_a_batch_is_a_clear_error(tmp_path, fmnist_src):
+    with pytest.raises(ValueError, match='100 training images make no full batch of 128'):
+        _run(tmp_path, fmnist_src, 'tiny', epochs=1, batch_size=128, train_num_samples=100)
+    assert not (tmp_path / 'tiny').exists()
+
+
 def test_bf16_autocast_on_cpu(tmp_path, fmnist_src, caplog):
     caplog.set_level(logging.WARNING)
     result = _run(

@@ -169,7 +169,7 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
     if unknown:
         raise ValueError(
             f'smallvit train does not honour recipe key(s): {", ".join(unknown)}. Remove them, or run the recipe '
-            f"with timm's train.py (scripts/train_py.py builds its command line)."
+            f"with timm's train.py (`smallvit train-py` prints its command line)."
         )
     args = argparse.Namespace(**{**TRAIN_PY_DEFAULTS, **merged})
     if args.dataset not in DATASETS:
@@ -333,6 +333,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         **common,
     )
     loader_eval = BatchLoader(eval_x, eval_y, args.validation_batch_size or args.batch_size, **common)
+    if len(loader_train) == 0:
+        raise ValueError(
+            f'{len(train_x)} training images make no full batch of {args.batch_size} x {args.world_size} process(es): '
+            'lower batch_size or raise train_num_samples.'
+        )
 
     mixup_fn = None
     if args.mixup > 0 or args.cutmix > 0 or args.cutmix_minmax is not None:
