@@ -43,6 +43,12 @@ def test_accuracy_script_trains_a_recipe_and_plots_it(tmp_path, fmnist_src, monk
     assert f'{runs[0]["history"][-1]["top1"]:.2f}' in table
     assert (out / 'accuracy_vs_time.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
+    # --replot redraws from results.json alone, without data or training
+    (out / 'results.md').unlink()
+    monkeypatch.setattr(sys, 'argv', ['fmnist_accuracy.py', '--out', str(out), '--replot'])
+    load_script('fmnist_accuracy').main()
+    assert (out / 'results.md').read_text() == table
+
 
 def test_exercises_script_gives_each_variant_the_same_budget(tmp_path, fmnist_src, monkeypatch):
     exercises = load_script('fmnist_exercises')
