@@ -71,7 +71,7 @@ def test_export_takes_a_train_py_checkpoint_and_validate_py_agrees(train_py_run,
     command = [
         sys.executable, '-m', 'timm_smallvit.cli', 'run', str(validate_py), '--model', f'local-dir:{export}',
         '--pretrained', '--data-dir', str(root), '--dataset', 'torch/fashion_mnist', '--split', 'validation',
-        '--input-img-mode', 'L', '--batch-size', '256', '--workers', '1', '--device', 'cpu',
+        '--input-img-mode', 'L', '--in-chans', '1', '--batch-size', '256', '--workers', '1', '--device', 'cpu',
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
