@@ -31,12 +31,16 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    runs = json.loads((out / 'results.json').read_text()) if args.replot else []
-    for name in [] if args.replot else args.recipes:
-        recipe = load_recipe(recipe_path(name))
-        result = train(resolve_args(recipe, data_dir=args.data, output=str(out / 'runs'), experiment=Path(name).stem))
-        runs.append(dict(recipe=name, model=recipe['model'], epochs=recipe['epochs'], history=result['history']))
-        (out / 'results.json').write_text(json.dumps(runs, indent=2))
+    if args.replot:
+        runs = json.loads((out / 'results.json').read_text())
+    else:
+        runs = []
+        for name in args.recipes:
+            recipe = load_recipe(recipe_path(name))
+            run_args = resolve_args(recipe, data_dir=args.data, output=str(out / 'runs'), experiment=Path(name).stem)
+            history = train(run_args)['history']
+            runs.append(dict(recipe=name, model=recipe['model'], epochs=recipe['epochs'], history=history))
+            (out / 'results.json').write_text(json.dumps(runs, indent=2))
 
     lines = [
         '| recipe | model | epochs | training time (s) | test top-1 (%) | best epoch top-1 (%) | top-1 at 30 min (%) |',
