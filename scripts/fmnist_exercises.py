@@ -95,7 +95,6 @@ def main() -> None:
         epochs = max(1, math.floor(affordable / TRAIN_IMAGES))
         # at least one batch, so a variant too slow for the budget still takes a step
         samples = max(int(affordable), RECIPE['batch_size']) if affordable < TRAIN_IMAGES else None
-        model = timm.create_model(BASE_MODEL, **kwargs)
         print(
             f'== {group}: {label}: {ips:.0f} img/s, {epochs} epoch(s) of {samples or TRAIN_IMAGES} images', flush=True
         )
@@ -110,6 +109,7 @@ def main() -> None:
         run = train(
             resolve_args(recipe, data_dir=args.data, output=str(out / 'runs'), experiment=f'{group}-{label}'[:60])
         )
+        model = run['model']  # the trained model, for its token and parameter counts
         results.append(
             dict(
                 group=group,

@@ -31,7 +31,7 @@ from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, LogitDistillationTask, load_task_ema_checkpoint, resume_task_checkpoint
-from timm.utils import CheckpointSaver, NativeScaler, init_distributed_device, update_summary
+from timm.utils import CheckpointSaver, NativeScaler, init_distributed_device, is_primary, update_summary
 from tqdm import tqdm
 
 from .data import DATASETS, BatchAugment, BatchLoader, load_dataset
@@ -202,10 +202,6 @@ def _autocast(args: argparse.Namespace, device: torch.device):
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
-def _is_primary(args: argparse.Namespace) -> bool:
-    return args.rank == 0
-
-
 def _resolve_lr(args: argparse.Namespace) -> None:
     # train.py's rule: lr = lr_base * (global batch / lr_base_size), square-rooted for adaptive optimizers
     if args.lr:
@@ -267,7 +263,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     torch.manual_seed(args.seed + args.rank)
     amp_autocast = _autocast(args, device)
     loss_scaler = NativeScaler() if args.amp and args.amp_dtype == 'float16' else None
-    primary = _is_primary(args)
+    primary = is_primary(args)
 
     in_chans = args.in_chans if args.in_chans is not None else (args.input_size[0] if args.input_size else 3)
     model = timm.create_model(
