@@ -66,6 +66,7 @@ TRAIN_PY_DEFAULTS: dict[str, Any] = {
     'batch_size': 128,
     'validation_batch_size': None,
     'grad_checkpointing': False,
+    'channels_last': False,
     'model_kwargs': {},
     'torchcompile_mode': None,
     'torchcompile': None,
@@ -241,6 +242,8 @@ def _evaluate(task, model: torch.nn.Module, loader: BatchLoader, args, device, a
             if not len(x):  # the last global batch can leave a process nothing
                 continue
             x, y = x.to(device), y.to(device)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             with amp_autocast():
                 output = model(x)
             evaluator.update(output.float(), y)
@@ -281,6 +284,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     data_config = resolve_data_config(vars(args), model=model, verbose=False)
     img_size = tuple(data_config['input_size'][1:])
     model.to(device)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     if primary:
         n_params = sum(p.numel() for p in model.parameters())
         _logger.info(f'Model {args.model} created, {n_params:,} parameters, input {data_config["input_size"]}')
@@ -444,6 +449,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
         for step, (x, y) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             if mixup_fn is not None:
                 x, y = mixup_fn(x, y)
             with amp_autocast():
