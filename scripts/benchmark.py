@@ -8,7 +8,9 @@ For the seed shape (``smallvit``: 96 px, patch 16, width 512, depth 2) and a 28 
   inductor, fp32), and the textbook model (``tests/reference_d2l.py``) in fp32 eager;
 - a training step (forward, cross-entropy, backward, AdamW step; ``model.train()``, so the seed's dropout 0.1 is on)
   and inference (``model.eval()`` under ``torch.inference_mode()``);
-- a large fp32 and bf16 matmul, the same-run peak that each config's achieved FLOP/s is a share of.
+- a large fp32 and bf16 matmul, the same-run peak that each config's achieved FLOP/s is a share of;
+- the conv-stem model of the 28 px recipes (``smallvit_tiny_convstem_28``) with its images and weights in the
+  default NCHW layout and in channels_last (NHWC, what ``channels_last: true`` in a recipe does), fp32 eager.
 
 Every round runs every config once (after warm-up), alternating the order; images/s is the median over rounds.
 Ratios are against timm's ViT under bf16 autocast (the issue's baseline) and in fp32 eager (the fair baseline on a
@@ -22,10 +24,12 @@ only (``--bf16 auto``; larger batches would take hours), and the report says wha
     python scripts/benchmark.py                 # full run: tables on stdout, runs/benchmark/benchmark.{json,md}
     python scripts/benchmark.py --quick         # a minute or so: 2 rounds, batch 1 and 8, no compile, small sweep
     python scripts/benchmark.py --no-compile --shapes 28px --batch-sizes 128 --rounds 7
+    python scripts/benchmark.py --shapes --sweep-sizes --layout-batch-sizes 64 128 256   # only NCHW vs NHWC
 """
 
 import argparse
 import contextlib
+import copy
 import gc
 import json
 import math
@@ -68,6 +72,8 @@ ISSUE_TARGETS = (
 )
 MODELS = ('smallvit', 'timm ViT', 'textbook')
 MODES = ('fp32', 'bf16-autocast', 'compiled')
+LAYOUT_MODEL = 'smallvit_tiny_convstem_28'  # the recipes' conv stem: where the memory layout matters
+LAYOUT_MODES = ('fp32', 'channels-last')
 SWEEP_MODEL = 'smallvit_small_patch4_28'  # patch 4 at every size: tokens grow with the square of the image size
 MiB = 2**20
 
@@ -120,10 +126,10 @@ def has_fast_bf16() -> bool:
 class Bench:
     """One timed config: a step function plus what is needed to turn its time into images/s and FLOP/s."""
 
-    section: str  # 'peak', 'compare' or 'sweep'
+    section: str  # 'peak', 'compare', 'layout' or 'sweep'
     shape: str  # shape key ('seed', '28px'), the sweep's image size ('96px'), or the matmul size
     model: str  # 'smallvit', 'timm ViT', 'textbook', or 'matmul'
-    mode: str  # 'fp32', 'bf16-autocast', 'compiled'; for a matmul its dtype
+    mode: str  # 'fp32', 'bf16-autocast', 'compiled', 'channels-last' (fp32); for a matmul its dtype
     kind: str  # 'train', 'infer', or for a matmul its operand layout
     batch: int
     img_size: int = 0
@@ -254,6 +260,9 @@ def build_models(model_name: str, names: Sequence[str] = MODELS, **kwargs: Any) 
 def make_step(fwd: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, kind: str, mode: str):
     """One training step or one inference batch, as a user would write it."""
     amp = partial(torch.autocast, 'cpu', dtype=torch.bfloat16) if mode == 'bf16-autocast' else contextlib.nullcontext
+
+    if mode == 'channels-last':
+        x = x.contiguous(memory_format=torch.channels_last)  # as the trainer does to every batch
 
     def train_step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -532,6 +541,23 @@ def compile_table(benches: list[Bench]) -> str:
     return md_table(['shape', 'batch', 'model', 'train first step, s', 'infer first step, s'], rows)
 
 
+def layout_table(benches: list[Bench], peaks: dict[str, float]) -> str:
+    mine = [b for b in benches if b.section == 'layout']
+    rows = []
+    for batch in dict.fromkeys(b.batch for b in mine):
+        for mode in LAYOUT_MODES:
+            row = [str(batch), 'channels_last' if mode == 'channels-last' else 'NCHW']
+            for kind in ('train', 'infer'):
+                bench = find(mine, batch=batch, mode=mode, kind=kind)
+                base = find(mine, batch=batch, mode='fp32', kind=kind)
+                row += [fmt_rate(bench), fmt_ratio(bench, base), fmt_share(bench, peaks)]
+            rows.append(row)
+    headers = ['batch', 'layout']
+    for kind in ('train', 'infer'):
+        headers += [f'{kind} img/s', '× NCHW', '% peak']
+    return md_table(headers, rows)
+
+
 def sweep_table(benches: list[Bench], peaks: dict[str, float]) -> str:
     sweep = [b for b in benches if b.section == 'sweep']
     base = {kind: find(sweep, kind=kind) for kind in ('train', 'infer')}
@@ -580,7 +606,7 @@ def target_lines(benches: list[Bench]) -> list[str]:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split('\n\n')[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument('--quick', action='store_true', help='a short run to check the script: see the defaults below')
-    p.add_argument('--shapes', nargs='+', choices=tuple(SHAPES), default=list(SHAPES))
+    p.add_argument('--shapes', nargs='*', choices=tuple(SHAPES), default=list(SHAPES), help='none: skip the comparison')
     p.add_argument('--batch-sizes', type=int, nargs='+', help='default: seed 1 64 256, 28px 1 64 128 256; quick: 1 8')
     p.add_argument('--rounds', type=int, help='interleaved rounds, median taken (default 5; quick 2)')
     p.add_argument('--warmup', type=int, default=2, help='untimed steps per config before the rounds (default 2)')
@@ -599,6 +625,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help='bf16-autocast configs: auto = full with native bf16, batch 1 only where bf16 is emulated',
     )
     p.add_argument('--memory', action=argparse.BooleanOptionalAction, default=True, help='measure peak memory')
+    p.add_argument(
+        '--layout-batch-sizes',
+        type=int,
+        nargs='*',
+        help=f'batch sizes of the NCHW vs channels_last timing of {LAYOUT_MODEL} (default 128; quick 8; none: skip)',
+    )
     p.add_argument('--sweep-sizes', type=int, nargs='*', help='image sizes (default 28 56 96 128 192 256; quick 28 56)')
     p.add_argument('--sweep-batch', type=int, help='batch size of the sweep (default 8; quick 2)')
     p.add_argument('--sweep-rounds', type=int, help='rounds of the sweep (default 3; quick 1)')
@@ -613,6 +645,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         rounds=2 if quick else 5,
         min_time=0.05 if quick else 0.5,
         compile=not quick,
+        layout_batch_sizes=[8] if quick else [128],
         sweep_sizes=[28, 56] if quick else [28, 56, 96, 128, 192, 256],
         sweep_batch=2 if quick else 8,
         sweep_rounds=1 if quick else 3,
@@ -663,8 +696,10 @@ def machine(args: argparse.Namespace, argv: Sequence[str] | None) -> tuple[dict[
     return meta, header
 
 
-def collect(args: argparse.Namespace, bf16_policy: str, fast_bf16: bool) -> tuple[list[Bench], list[Bench]]:
-    """Build every config: the matmul peaks and model comparisons (timed together), and the image-size sweep."""
+def collect(
+    args: argparse.Namespace, bf16_policy: str, fast_bf16: bool
+) -> tuple[list[Bench], list[Bench], list[Bench]]:
+    """Build every config: the matmul peaks and model comparisons (timed together), the layouts, the sweep."""
 
     def skip_bf16(mode: str, batch: int) -> str:
         if mode != 'bf16-autocast' or bf16_policy == 'full':
@@ -687,11 +722,21 @@ def collect(args: argparse.Namespace, bf16_policy: str, fast_bf16: bool) -> tupl
         for batch in args.batch_sizes or DEFAULT_BATCH_SIZES[shape]:
             benches += model_benches('compare', shape, models, modes, batch, skip_bf16)
 
+    # the conv stem in both memory layouts: two copies of the same weights, each with its own optimizer
+    layout: list[Bench] = []
+    if args.layout_batch_sizes:
+        nchw = build_models(LAYOUT_MODEL, names=('smallvit',))
+        nhwc = copy.deepcopy(nchw['smallvit'].model).to(memory_format=torch.channels_last)
+        nhwc = {'smallvit': ModelUnderTest(nhwc, create_optimizer_v2(nhwc, 'adamw', lr=1e-4, weight_decay=0.05))}
+        for batch in args.layout_batch_sizes:
+            for models, mode in ((nchw, 'fp32'), (nhwc, 'channels-last')):
+                layout += model_benches('layout', LAYOUT_MODEL, models, {'smallvit': (mode,)}, batch, skip_bf16)
+
     sweep: list[Bench] = []
     for size in args.sweep_sizes:
         models = build_models(SWEEP_MODEL, names=('smallvit',), img_size=size)
         sweep += model_benches('sweep', f'{size}px', models, {'smallvit': ('fp32',)}, args.sweep_batch, skip_bf16)
-    return benches, sweep
+    return benches, layout, sweep
 
 
 def report(
@@ -740,9 +785,18 @@ def report(
         'PyTorch holds in one step (parameters, batch, gradients and AdamW state, plus the peak of the allocations '
         'the profiler records in the step; excludes the runtime and buffers oneDNN/MKL allocate themselves).',
     ]
-    if args.compile:
+    if any(b.mode == 'compiled' and b.first_step_s is not None for b in benches):
         out += ['', 'torch.compile (inductor, fp32, static shapes): first step, compilation included', '']
         out.append(compile_table(benches))
+    if any(b.section == 'layout' for b in benches):
+        out += [
+            '',
+            f"Memory layout of the conv stem: {LAYOUT_MODEL} (the 28 px recipes' model), fp32 eager, images and "
+            'weights NCHW (default) or channels_last (`channels_last: true` in a recipe); same weights, median of '
+            f'{args.rounds} interleaved rounds',
+            '',
+            layout_table(benches, peaks),
+        ]
     if any(b.section == 'sweep' for b in benches):
         out += [
             '',
@@ -772,8 +826,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 256)
         dynamo_config.accumulated_recompile_limit = max(dynamo_config.accumulated_recompile_limit, 4096)
 
-    benches, sweep = collect(args, meta['bf16_policy'], meta['native_bf16'])
-    for phase, group, rounds in (('compare', benches, args.rounds), ('sweep', sweep, args.sweep_rounds)):
+    benches, layout, sweep = collect(args, meta['bf16_policy'], meta['native_bf16'])
+    phases = (('compare', benches, args.rounds), ('layout', layout, args.rounds), ('sweep', sweep, args.sweep_rounds))
+    for phase, group, rounds in phases:
         active = [b for b in group if not b.skip]
         if not active:
             continue
@@ -786,7 +841,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         run_rounds(group, rounds, phase)
         if _compiled_graphs() != graphs_before:
             log('WARNING: torch.compile recompiled during the timed rounds; compiled timings include compilation')
-    benches += sweep
+    benches += layout + sweep
 
     meta['load_average_end'] = os.getloadavg() if hasattr(os, 'getloadavg') else None
     meta['wall_s'] = time.perf_counter() - t_start

@@ -25,13 +25,15 @@ def test_tiny_run_prints_tables_and_writes_json(bench, tmp_path, capsys):
     threads = torch.get_num_threads()
     argv = ['--shapes', '28px', '--batch-sizes', '2', '--rounds', '2', '--no-compile', '--bf16', 'skip']
     argv += ['--sweep-sizes', '28', '56', '--sweep-batch', '1', '--sweep-rounds', '1', '--min-time', '0.01']
-    argv += ['--warmup', '1', '--mm-size', '256', '--threads', '1', '--json', str(out_json)]
+    argv += ['--layout-batch-sizes', '2', '--warmup', '1', '--mm-size', '256', '--threads', '1']
+    argv += ['--json', str(out_json)]
     try:
         result = bench.main(argv)
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    for text in ('| batch | model | mode | train img/s |', 'Image size sweep', "Issue 6's targets", 'native bf16:'):
+    tables = ('| batch | model | mode | train img/s |', 'Memory layout of the conv stem', 'Image size sweep')
+    for text in (*tables, "Issue 6's targets", 'native bf16:'):
         assert text in out
     assert 'not run (batch 128 not in this run)' in out
     assert json.loads(out_json.read_text()) == json.loads(json.dumps(result))
@@ -57,6 +59,18 @@ def test_tiny_run_prints_tables_and_writes_json(bench, tmp_path, capsys):
     assert train['held_mib'] >= 3 * params  # parameters, gradients and AdamW's two moments (grads may be freed)
     assert train['peak_mib'] > train['held_mib'] and train['step_peak_mib'] > 0
     assert params <= infer['held_mib'] < params + 1 and infer['peak_mib'] < train['peak_mib']
+
+    # the layout timing runs one model in both layouts: same work, both timed
+    layout = [b for b in benches if b['section'] == 'layout']
+    assert sorted((b['mode'], b['kind']) for b in layout) == [
+        ('channels-last', 'infer'),
+        ('channels-last', 'train'),
+        ('fp32', 'infer'),
+        ('fp32', 'train'),
+    ]
+    assert len({b['flops_per_step'] for b in layout if b['kind'] == 'train'}) == 1
+    assert all(b['images_per_s'] > 0 for b in layout)
+    assert '| 2 | channels_last |' in out
 
     sweep = [b for b in benches if b['section'] == 'sweep']
     assert [(b['img_size'], b['tokens']) for b in sweep if b['kind'] == 'infer'] == [(28, 50), (56, 197)]
@@ -85,6 +99,8 @@ def test_options_and_warnings(bench):
     quick, full = bench.parse_args(['--quick']), bench.parse_args([])
     assert (quick.rounds, quick.compile, quick.batch_sizes) == (2, False, [1, 8])
     assert (full.rounds, full.compile, full.batch_sizes) == (5, True, None)
+    assert (quick.layout_batch_sizes, full.layout_batch_sizes) == ([8], [128])
+    assert bench.parse_args(['--layout-batch-sizes']).layout_batch_sizes == []  # none: the layout timing is skipped
     assert bench.parse_args(['--quick', '--compile']).compile
     assert bench.busy_warning(0.3, 2, 2) == ''
     assert '--threads 1' in bench.busy_warning(2.0, 2, 2)
