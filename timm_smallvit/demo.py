@@ -56,6 +56,9 @@ def run_demo(
     export_dir = export_checkpoint(run_dir / 'last.pth.tar', run_dir / 'export', use_ema=bool(args.model_ema))
     reloaded = timm.create_model(f'local-dir:{export_dir}', pretrained=True).eval()
     trained = result['model'].eval()
+    if args.channels_last:
+        # the same layout as in training, so the same conv kernels run and the logits can match bit for bit
+        reloaded = reloaded.to(memory_format=torch.channels_last)
 
     # the reloaded model must give the trained model's logits, bit for bit, on the test images
     images, labels = load_dataset(args.dataset, args.data_dir, train=False)
@@ -64,6 +67,8 @@ def run_demo(
     correct = 0
     with torch.inference_mode():
         for x, y in loader:
+            if args.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
             logits = reloaded(x)
             if not torch.equal(logits, trained(x)):
                 raise RuntimeError(f'The model reloaded from {export_dir} does not reproduce the trained logits.')
