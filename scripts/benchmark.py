@@ -250,11 +250,12 @@ def build_models(model_name: str, names: Sequence[str] = MODELS, **kwargs: Any) 
         copy_dropout(smallvit, models['timm ViT'])
     if 'textbook' in names:
         models['textbook'] = build_textbook(smallvit)
+    return {name: under_test(m) for name, m in models.items()}
+
+
+def under_test(model: nn.Module) -> ModelUnderTest:
     # AdamW as timm's train.py builds it (no weight decay on norms, biases, position embedding)
-    return {
-        name: ModelUnderTest(m, create_optimizer_v2(m, 'adamw', lr=1e-4, weight_decay=0.05))
-        for name, m in models.items()
-    }
+    return ModelUnderTest(model, create_optimizer_v2(model, 'adamw', lr=1e-4, weight_decay=0.05))
 
 
 def make_step(fwd: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, kind: str, mode: str):
@@ -726,8 +727,7 @@ def collect(
     layout: list[Bench] = []
     if args.layout_batch_sizes:
         nchw = build_models(LAYOUT_MODEL, names=('smallvit',))
-        nhwc = copy.deepcopy(nchw['smallvit'].model).to(memory_format=torch.channels_last)
-        nhwc = {'smallvit': ModelUnderTest(nhwc, create_optimizer_v2(nhwc, 'adamw', lr=1e-4, weight_decay=0.05))}
+        nhwc = {'smallvit': under_test(copy.deepcopy(nchw['smallvit'].model).to(memory_format=torch.channels_last))}
         for batch in args.layout_batch_sizes:
             for models, mode in ((nchw, 'fp32'), (nhwc, 'channels-last')):
                 layout += model_benches('layout', LAYOUT_MODEL, models, {'smallvit': (mode,)}, batch, skip_bf16)

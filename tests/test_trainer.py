@@ -93,7 +93,7 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, fmnist_src):
 
 
 def test_channels_last_trains_the_same_model_and_exports(tmp_path, fmnist_src):
-    # train.py's --channels-last: the conv stem runs NHWC (about 1.4x faster here); the result must not change
+    # train.py's --channels-last: the conv stem runs NHWC (1.0-1.4x faster here); the result must not change
     sgd = dict(epochs=1, opt='sgd', lr=0.05)  # Adam would magnify rounding in near-zero gradients to whole steps
     plain = _run(tmp_path, fmnist_src, 'nchw', **sgd)
     fast = _run(tmp_path, fmnist_src, 'nhwc', channels_last=True, **sgd)
