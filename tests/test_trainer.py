@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import timm_smallvit
+from timm_smallvit.data import BatchLoader
 from timm_smallvit.trainer import TRAIN_PY_DEFAULTS, NonFiniteLossError, load_recipe, resolve_args, train
 
 # Small enough for a few seconds an epoch on 2 CPU cores, real enough to learn.
@@ -111,6 +112,17 @@ def test_channels_last_trains_the_same_model_and_exports(tmp_path, fmnist_src):
     x = torch.randn(8, 1, 28, 28)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(x), fast['model'].eval()(x), rtol=1e-4, atol=1e-5)
+
+
+def test_batch_loader_yields_the_same_batches_in_nhwc():
+    images, labels = torch.randint(0, 256, (8, 3, 6, 6), dtype=torch.uint8), torch.arange(8)
+    common = dict(batch_size=4, mean=(0.5,) * 3, std=(0.5,) * 3, img_size=(6, 6))
+    for (x, y), (x_cl, y_cl) in zip(
+        BatchLoader(images, labels, **common), BatchLoader(images, labels, channels_last=True, **common), strict=True
+    ):
+        assert x.is_contiguous() and x_cl.is_contiguous(memory_format=torch.channels_last)
+        assert not x_cl.is_contiguous()  # 3 channels: the two layouts differ
+        assert torch.equal(x, x_cl) and torch.equal(y, y_cl)
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fmnist_src):

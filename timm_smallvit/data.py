@@ -207,6 +207,7 @@ class BatchLoader:
         drop_last: Drop the last partial batch (training).
         rank, world_size: This process's shard of each epoch's order.
         interpolation: Resize mode for evaluation batches.
+        channels_last: Yield batches in NHWC memory layout (for a model converted to channels_last).
     """
 
     def __init__(
@@ -225,6 +226,7 @@ class BatchLoader:
         rank: int = 0,
         world_size: int = 1,
         interpolation: str = 'bilinear',
+        channels_last: bool = False,
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f'Expected (N, C, H, W) uint8 images, got {tuple(images.shape)} {images.dtype}.')
@@ -240,6 +242,7 @@ class BatchLoader:
         self.shuffle, self.drop_last = shuffle, drop_last
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.interpolation = interpolation if interpolation in ('bilinear', 'bicubic', 'nearest') else 'bilinear'
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.epoch = 0
         self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
 
@@ -274,4 +277,4 @@ class BatchLoader:
             x = x.sub_(self.mean).div_(self.std)
             if self.erase is not None:
                 x = self.erase(x)
-            yield x, self.labels[idx]
+            yield x.contiguous(memory_format=self.memory_format), self.labels[idx]

@@ -63,12 +63,18 @@ def run_demo(
     # the reloaded model must give the trained model's logits, bit for bit, on the test images
     images, labels = load_dataset(args.dataset, args.data_dir, train=False)
     config = result['data_config']
-    loader = BatchLoader(images, labels, 1000, config['mean'], config['std'], config['input_size'][1:])
+    loader = BatchLoader(
+        images,
+        labels,
+        1000,
+        config['mean'],
+        config['std'],
+        config['input_size'][1:],
+        channels_last=bool(args.channels_last),
+    )
     correct = 0
     with torch.inference_mode():
         for x, y in loader:
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             logits = reloaded(x)
             if not torch.equal(logits, trained(x)):
                 raise RuntimeError(f'The model reloaded from {export_dir} does not reproduce the trained logits.')

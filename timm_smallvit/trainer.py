@@ -242,8 +242,6 @@ def _evaluate(task, model: torch.nn.Module, loader: BatchLoader, args, device, a
             if not len(x):  # the last global batch can leave a process nothing
                 continue
             x, y = x.to(device), y.to(device)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             with amp_autocast():
                 output = model(x)
             evaluator.update(output.float(), y)
@@ -321,6 +319,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         rank=args.rank,
         world_size=args.world_size,
         interpolation=data_config['interpolation'],
+        channels_last=args.channels_last,  # .to(device) keeps the layout
     )
     loader_train = BatchLoader(
         train_x,
@@ -449,8 +448,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
         for step, (x, y) in enumerate(bar):
             x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            if args.channels_last:
-                x = x.contiguous(memory_format=torch.channels_last)
             if mixup_fn is not None:
                 x, y = mixup_fn(x, y)
             with amp_autocast():
