@@ -130,6 +130,42 @@ def test_fused_and_explicit_attention_agree():
     assert (fused - explicit).abs().max() <= ATOL
 
 
+def test_bf16_on_cpu_takes_the_explicit_attention_and_matches_timm_vit(monkeypatch):
+    """Under bf16 autocast on the CPU smallvit skips PyTorch's fused kernel (slow there) and still computes what
+    timm's ViT computes with it; in float32 it keeps the fused kernel."""
+    import timm_smallvit.smallvit as smallvit_module
+
+    calls = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def counting_sdpa(*args, **kwargs):
+        calls.append(args[0].dtype)
+        return sdpa(*args, **kwargs)
+
+    model = timm.create_model('smallvit_small_patch4_28')  # timm's ViT init: logits of a trained-like scale
+    vit = to_vision_transformer(model).eval()
+    model.eval()
+    monkeypatch.setattr(smallvit_module.F, 'scaled_dot_product_attention', counting_sdpa)
+    x = torch.randn(8, 1, 28, 28)
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        ours = model(x)
+    assert ours.dtype == torch.bfloat16 and calls == []
+    with torch.no_grad(), torch.autocast('cpu', dtype=torch.bfloat16):
+        theirs = vit(x)  # timm's Attention: the fused kernel (the patch is on torch.nn.functional, so it counts)
+    assert calls and set(calls) == {torch.bfloat16}
+    calls.clear()
+    torch.testing.assert_close(ours.float(), theirs.float(), atol=0.05, rtol=0.05)
+    # trains in bf16: gradients reach every parameter through the explicit path
+    model.train()
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        model(x).float().logsumexp(-1).mean().backward()
+    assert all(p.grad is not None and p.grad.isfinite().all() for p in model.parameters())
+    assert calls == []
+    with torch.no_grad():
+        model.eval()(x)
+    assert calls and set(calls) == {torch.float32}
+
+
 def test_pretrained_weights_resample_to_another_image_size():
     source = _randomize_(timm.create_model('smallvit_tiny_patch4_28'))
     target = timm.create_model(
