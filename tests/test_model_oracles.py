@@ -166,6 +166,32 @@ def test_bf16_on_cpu_takes_the_explicit_attention_and_matches_timm_vit(monkeypat
     assert calls and set(calls) == {torch.float32}
 
 
+@pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
+def test_dropout_matches_torch_dropout_in_distribution(dtype):
+    """smallvit's cheaper CPU dropout: the rate, the 1/(1-p) scale and the gradient of torch's, reproducible."""
+    from timm_smallvit.smallvit import Dropout, dropout
+
+    x = torch.rand(512, 1000, dtype=dtype) + 0.5  # no zeros, so every zero in the output was dropped
+    x.requires_grad_(True)
+    for p in (0.1, 0.5):
+        torch.manual_seed(0)
+        y = dropout(x, p)
+        dropped = (y == 0).float().mean().item()
+        reference = (torch.nn.functional.dropout(x, p) == 0).float().mean().item()
+        assert abs(dropped - p) < 0.005 and abs(dropped - reference) < 0.01
+        kept = y != 0
+        scale = torch.tensor(1 / (1 - p), dtype=dtype)  # the scale as the dtype holds it
+        torch.testing.assert_close(y[kept], x[kept] * scale)
+        (grad,) = torch.autograd.grad(y.float().sum(), x)
+        torch.testing.assert_close(grad.float(), kept.float() * scale.float())
+        torch.manual_seed(0)
+        assert torch.equal(dropout(x, p), y)  # the global seed fixes the mask, as with torch's dropout
+    module = Dropout(0.1)
+    assert isinstance(module, torch.nn.Dropout) and module.p == 0.1
+    assert module.eval()(x) is x and dropout(x, 0.0) is x
+    assert dropout(x, 1.0).eq(0).all()
+
+
 def test_pretrained_weights_resample_to_another_image_size():
     source = _randomize_(timm.create_model('smallvit_tiny_patch4_28'))
     target = timm.create_model(

@@ -13,6 +13,7 @@ import torch
 import yaml
 
 import timm_smallvit
+from timm_smallvit import trainer as trainer_module
 from timm_smallvit.data import BatchLoader
 from timm_smallvit.trainer import TRAIN_PY_DEFAULTS, NonFiniteLossError, load_recipe, resolve_args, train
 
@@ -174,8 +175,21 @@ def test_bf16_autocast_on_cpu(tmp_path, fmnist_src, caplog):
         val_num_samples=32,
     )
     assert _summary(result['output_dir'])[0]['train_loss'] > 0
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    assert native or 'no native bfloat16' in caplog.text  # this CPU's limit is said, not hidden
+    native = trainer_module.cpu_has_native_bf16()
+    assert result['args'].amp == native  # bf16 where the CPU has it, float32 where bf16 would be emulated
+    assert native or 'training in float32 instead' in caplog.text  # the fallback is said, not hidden
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_amp_on_cpu_is_bf16_autocast_only_with_native_bf16(monkeypatch, caplog, native):
+    monkeypatch.setattr(trainer_module, 'cpu_has_native_bf16', lambda: native)
+    args = argparse.Namespace(amp=True, amp_dtype='bfloat16')
+    with caplog.at_level(logging.WARNING), trainer_module._autocast(args, torch.device('cpu'))():
+        enabled = torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
+    assert enabled == native and args.amp == native
+    assert ('training in float32 instead' in caplog.text) != native
+    with pytest.raises(ValueError, match='float16 autocast is for CUDA'):
+        trainer_module._autocast(argparse.Namespace(amp=True, amp_dtype='float16'), torch.device('cpu'))
 
 
 def test_shipped_recipes_use_only_honoured_keys(fmnist_src):

@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import logging
 import os
+import platform
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -188,6 +189,17 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
     return args
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively: AVX512-BF16 or AMX on x86, oneDNN's bf16 path elsewhere.
+
+    Without it PyTorch emulates bf16 matmuls, 4-100x slower than float32 (measured on an AVX2-only CPU); with
+    AVX512-BF16 its bf16 matmul peak was 2.2x the float32 peak on this project's CPU (scripts/benchmark.py).
+    """
+    if platform.machine().lower() in ('x86_64', 'amd64', 'i386', 'i686'):
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def _autocast(args: argparse.Namespace, device: torch.device):
     if not args.amp:
         return contextlib.nullcontext
@@ -195,11 +207,14 @@ def _autocast(args: argparse.Namespace, device: torch.device):
     if device.type == 'cpu':
         if dtype != torch.bfloat16:
             raise ValueError('amp on CPU needs amp_dtype: bfloat16 (float16 autocast is for CUDA).')
-        if not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+        if not cpu_has_native_bf16():
+            # the recipes ask for bf16 because it is the fast path where it exists; here it would be the slow one
             _logger.warning(
-                'This CPU has no native bfloat16 matrix instructions (no AVX512-BF16 / AMX): bf16 autocast '
-                'emulates them and is far slower than float32 here. Consider amp: false.'
+                'amp: this CPU has no native bfloat16 matrix instructions (no AVX512-BF16 / AMX), where bf16 '
+                'autocast is emulated and several times slower than float32: training in float32 instead.'
             )
+            args.amp = False
+            return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=dtype)
 
 
