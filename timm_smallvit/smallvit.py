@@ -170,8 +170,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     if x.device.type != 'cpu' or p >= 1.0:
         return F.dropout(x, p, training=True)
     n = x.numel()
-    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(2**63), None)  # every 64-bit value
-    threshold = round(p * 65536) - 32768  # int16 values below it are dropped: p of them
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-9223372036854775807 - 1, None)  # all 64 bits
+    threshold = int(p * 65536 + 0.5) - 32768  # int16 values below it are dropped: p of them
     keep = bits.view(torch.int16)[:n].view(x.shape) >= threshold
     # one multiply by a mask that holds the scale: half the time of torch.where forward and backward
     return x * keep.to(x.dtype).mul_(1.0 / (1.0 - p))
