@@ -66,19 +66,22 @@ def run_demo(
     loader = BatchLoader(
         images,
         labels,
-        1000,
+        args.validation_batch_size or args.batch_size,  # the trainer's: bf16 kernels round by batch shape
         config['mean'],
         config['std'],
         config['input_size'][1:],
         channels_last=bool(args.channels_last),
     )
+    # evaluate as the trainer did (bf16 autocast when it trained so), so the count below is the trainer's top-1
+    dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     correct = 0
-    with torch.inference_mode():
+    with torch.inference_mode(), torch.autocast('cpu', dtype=dtype, enabled=bool(args.amp)):
         for x, y in loader:
             logits = reloaded(x)
             if not torch.equal(logits, trained(x)):
                 raise RuntimeError(f'The model reloaded from {export_dir} does not reproduce the trained logits.')
-            correct += (logits.argmax(-1) == y).sum().item()
+            # topk as timm's accuracy counts it: bf16 logits tie more often, and argmax breaks ties differently
+            correct += (logits.float().topk(1).indices[:, 0] == y).sum().item()
     top1 = 100 * correct / len(labels)
     wall = time.perf_counter() - start
 
