@@ -76,6 +76,24 @@ def test_tiny_run_prints_tables_and_writes_json(bench, tmp_path, capsys):
     assert [(b['img_size'], b['tokens']) for b in sweep if b['kind'] == 'infer'] == [(28, 50), (56, 197)]
 
 
+def test_target_lines_give_the_ratio_and_the_ceiling_of_the_bf16_peak(bench):
+    def timed(model, mode, seconds, kind='train'):
+        b = bench.Bench('compare', '28px', model, mode, kind, 128, flops=100e9)
+        b.times = [seconds]
+        return b
+
+    benches = [
+        timed('smallvit', 'bf16-autocast', 0.5),  # 200 GFLOP/s
+        timed('timm ViT', 'bf16-autocast', 1.0),  # 100 GFLOP/s: 25% of a 400 GFLOP/s peak
+        timed('smallvit', 'fp32', 2.0),
+        timed('timm ViT', 'fp32', 2.0),
+    ]
+    lines = bench.target_lines(benches, {'bf16': 400e9, 'fp32': 150e9})
+    line = next(x for x in lines if x.startswith('- 28px, batch 128, train'))
+    assert '2.00× (target ≥ 2.0×: met; at the bf16 matmul peak it would be 4.00×); in fp32: 1.00×' in line
+    assert any('seed, batch 64' in x and 'not run' in x for x in lines)
+
+
 def test_cpu_attention_flops_are_counted(bench):
     """FlopCounterMode misses the CPU attention kernel by itself; the script adds it: 4 N^2 D per block forward."""
     model = bench.build_models('smallvit_small_patch4_28', names=('smallvit',))['smallvit'].model
