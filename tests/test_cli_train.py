@@ -138,3 +138,15 @@ def test_cli_train_py_prints_the_command(fmnist_src, capsys, monkeypatch, tmp_pa
     # the release files were laid out as the torchvision root train.py's --data-dir needs
     root = tmp_path / 'cache' / 'fashion-mnist'
     assert f'--data-dir {root}' in line and (root / 'FashionMNIST' / 'raw' / 'train-images-idx3-ubyte.gz').exists()
+
+
+@pytest.mark.parametrize('native', [True, False])
+def test_cli_train_py_warns_when_train_py_would_emulate_bf16(fmnist_src, capsys, monkeypatch, tmp_path, native):
+    import timm_smallvit.trainer
+
+    monkeypatch.setenv('SMALLVIT_CACHE', str(tmp_path / 'cache'))
+    monkeypatch.setattr(timm_smallvit.trainer, 'cpu_has_native_bf16', lambda: native)
+    argv = ['train-py', 'fashion_mnist_demo', '--train-py', 'train.py', '--data-dir', str(fmnist_src)]
+    assert main([*argv, '--', '--device', 'cpu']) == 0  # the demo recipe sets amp: true
+    err = capsys.readouterr().err
+    assert ('train.py would emulate bf16' in err) != native

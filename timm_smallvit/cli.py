@@ -56,7 +56,7 @@ def _train_py(args: argparse.Namespace) -> int:
 
     from .data import prepare_fashion_mnist
     from .launch import format_command, recipe_path, train_py_command
-    from .trainer import load_recipe
+    from .trainer import cpu_has_native_bf16, load_recipe
 
     data_dir = args.data_dir
     recipe = load_recipe(recipe_path(args.recipe))
@@ -65,6 +65,15 @@ def _train_py(args: argparse.Namespace) -> int:
     extra = list(args.extra)
     if not torch.cuda.is_available() and '--device' not in extra and 'device' not in recipe:
         extra += ['--device', 'cpu']  # train.py defaults to cuda
+    on_cpu = 'cpu' in (recipe.get('device'), *extra)
+    if on_cpu and recipe.get('amp') and not cpu_has_native_bf16():
+        # train.py takes amp as given (its --amp cannot be switched off from the command line)
+        print(
+            f'warning: {args.recipe} sets amp: true, and this CPU has no native bf16 (no AVX512-BF16 / AMX): '
+            'train.py would emulate bf16, several times slower than float32. Run a copy of the recipe without '
+            'its amp lines, or `smallvit train`, which falls back to float32.',
+            file=sys.stderr,
+        )
     command = train_py_command(
         args.recipe,
         args.train_py,
