@@ -319,7 +319,8 @@ class SmallViT(nn.Module):
             proj_drop_rate: Dropout after each MLP linear layer.
             attn_drop_rate: Dropout on the attention weights.
             drop_path_rate: Stochastic depth rate, rising linearly to this value over the blocks.
-            fused_attn: Use F.scaled_dot_product_attention (True) or the explicit softmax path (False);
+            fused_attn: Use F.scaled_dot_product_attention (True; bfloat16 on the CPU still takes the explicit
+                path, which is faster there: see :func:`attend`) or always the explicit softmax path (False);
                 None takes timm's global setting (fused unless TIMM_FUSED_ATTN=0).
             weight_init: '' for timm's ViT init, 'skip' to leave PyTorch's defaults.
         """
