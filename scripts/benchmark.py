@@ -23,7 +23,7 @@ CPU without native bf16). Peak memory is what PyTorch allocates, measured with t
 :func:`measure_memory`). An image-size sweep (28 -> 256 px at patch 4) shows how time and memory grow with tokens.
 
 On a CPU without native bf16 (oneDNN's bf16 path unavailable: AVX2 only, no AVX512/AMX) bf16 matmuls are emulated
-at 1.5-25% of fp32 speed depending on the operand layout (measured here, AVX2): bf16 configs then run at batch 1
+at 1.5-25% of fp32 speed depending on the operand layout (measured on an AVX2 VM): bf16 configs run at batch 1
 only (``--bf16 auto``; larger batches would take hours), and the report says what bf16 costs on the machine.
 
     python scripts/benchmark.py                 # full run: tables on stdout, runs/benchmark/benchmark.{json,md}
