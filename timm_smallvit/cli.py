@@ -65,8 +65,8 @@ def _train_py(args: argparse.Namespace) -> int:
     extra = list(args.extra)
     if not torch.cuda.is_available() and '--device' not in extra and 'device' not in recipe:
         extra += ['--device', 'cpu']  # train.py defaults to cuda
-    on_cpu = 'cpu' in (recipe.get('device'), *extra)
-    if on_cpu and recipe.get('amp') and not cpu_has_native_bf16():
+    device = extra[extra.index('--device') + 1] if '--device' in extra[:-1] else recipe.get('device', 'cuda')
+    if device == 'cpu' and recipe.get('amp') and not cpu_has_native_bf16():
         # train.py takes amp as given (its --amp cannot be switched off from the command line)
         print(
             f'warning: {args.recipe} sets amp: true, and this CPU has no native bf16 (no AVX512-BF16 / AMX): '

@@ -201,6 +201,7 @@ def cpu_has_native_bf16() -> bool:
 
 
 def _autocast(args: argparse.Namespace, device: torch.device):
+    """The autocast context factory for ``args.amp``; on a CPU without native bf16 it sets ``args.amp`` False."""
     if not args.amp:
         return contextlib.nullcontext
     dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
