@@ -11,10 +11,11 @@ import pytest
 import timm
 import torch
 import yaml
+from timm.data.random_erasing import RandomErasing
 
 import timm_smallvit
 from timm_smallvit import trainer as trainer_module
-from timm_smallvit.data import BatchLoader
+from timm_smallvit.data import BatchAugment, BatchLoader
 from timm_smallvit.trainer import TRAIN_PY_DEFAULTS, NonFiniteLossError, load_recipe, resolve_args, train
 
 # Small enough for a few seconds an epoch on 2 CPU cores, real enough to learn.
@@ -124,6 +125,45 @@ def test_batch_loader_yields_the_same_batches_in_nhwc():
         assert x.is_contiguous() and x_cl.is_contiguous(memory_format=torch.channels_last)
         assert not x_cl.is_contiguous()  # 3 channels: the two layouts differ
         assert torch.equal(x, x_cl) and torch.equal(y, y_cl)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
+
+
+@needs_cuda
+def test_batch_loader_on_the_gpu_yields_the_cpu_batches():
+    # random parameters are drawn on the CPU, so the same seed crops, flips and jitters alike on either device
+    images, labels = torch.randint(0, 256, (32, 1, 28, 28), dtype=torch.uint8), torch.arange(32)
+    augment = BatchAugment((28, 28), scale=(0.5, 1.0), hflip=0.5, color_jitter=0.4)
+    common = dict(batch_size=8, mean=(0.5,), std=(0.5,), img_size=(28, 28), augment=augment, shuffle=True, seed=3)
+    cpu, gpu = BatchLoader(images, labels, **common), BatchLoader(images, labels, device='cuda', **common)
+    for epoch in range(2):
+        cpu.set_epoch(epoch)
+        gpu.set_epoch(epoch)
+        for (x, y), (x_gpu, y_gpu) in zip(cpu, gpu, strict=True):
+            assert x_gpu.device.type == 'cuda' and y_gpu.device.type == 'cuda'
+            assert torch.equal(y, y_gpu.cpu())
+            torch.testing.assert_close(x_gpu.cpu(), x, rtol=0, atol=1e-4)
+
+    # timm's random erasing runs on the GPU batch in place
+    erase = RandomErasing(1.0, mode='pixel', device='cuda')
+    plain = BatchLoader(images, labels, batch_size=32, mean=(0.5,), std=(0.5,), img_size=(28, 28), device='cuda')
+    erased = BatchLoader(
+        images, labels, batch_size=32, mean=(0.5,), std=(0.5,), img_size=(28, 28), erase=erase, device='cuda'
+    )
+    (x, _), (x_erased, _) = next(iter(plain)), next(iter(erased))
+    changed = (x != x_erased).flatten(1).any(1)
+    assert x_erased.device.type == 'cuda' and changed.all()  # probability 1: every image has a box
+
+
+@needs_cuda
+def test_trains_on_the_gpu_as_on_the_cpu(tmp_path, fmnist_src):
+    # the CPU test's recipe and bar (test_loss_falls_on_real_data...), on the GPU under bf16 autocast
+    run = _run(tmp_path, fmnist_src, 'cuda', device='cuda', amp=True, amp_dtype='bfloat16', epochs=3)
+    assert next(run['model'].parameters()).device.type == 'cuda'
+    rows = _summary(run['output_dir'])
+    assert rows[-1]['train_loss'] < 0.75 * rows[0]['train_loss']
+    assert rows[-1]['eval_top1'] > 55.0
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, fmnist_src):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from timm.data.random_erasing import RandomErasing
 from torchvision.datasets import CIFAR10, FashionMNIST
 
@@ -97,8 +98,17 @@ def load_fashion_mnist(
     root: str | os.PathLike | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 28, 28) uint8 and labels (N,) int64 of the train (60k) or test (10k) split."""
-    dataset = FashionMNIST(prepare_fashion_mnist(src, root), train=train, download=True)
+    root = prepare_fashion_mnist(src, root)
+    with _unpack_lock(root):
+        dataset = FashionMNIST(root, train=train, download=True)
     return dataset.data, dataset.targets
+
+
+def _unpack_lock(root: Path) -> FileLock:
+    # torchvision unpacks on first use; processes started together (torchrun ranks, parallel runs) would read
+    # each other's half-written files
+    root.mkdir(parents=True, exist_ok=True)
+    return FileLock(root / '.smallvit-unpack.lock')
 
 
 def load_dataset(
@@ -116,7 +126,8 @@ def load_dataset(
         images, labels = load_fashion_mnist(data_dir, train=train)
         return images.unsqueeze(1), labels
     if name == 'torch/cifar10':
-        dataset = CIFAR10(data_dir, train=train, download=download)
+        with _unpack_lock(Path(data_dir)):
+            dataset = CIFAR10(data_dir, train=train, download=download)
         return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets)
     raise ValueError(f'Unknown dataset {name!r}; the quick trainer reads {", ".join(DATASETS)}.')
 
@@ -148,11 +159,16 @@ class BatchAugment:
         self.jitter = tuple(float(c) for c in color_jitter[:3])  # hue (a 4th value) is not applied
         self.mode = interpolation if interpolation in ('bilinear', 'bicubic', 'nearest') else 'bilinear'
 
-    def _factors(self, strength: float, B: int, generator: torch.Generator | None) -> torch.Tensor:
-        return torch.empty(B, 1, 1, 1).uniform_(max(0.0, 1 - strength), 1 + strength, generator=generator)
+    def _factors(self, strength: float, B: int, generator: torch.Generator | None, device: torch.device):
+        factors = torch.empty(B, 1, 1, 1).uniform_(max(0.0, 1 - strength), 1 + strength, generator=generator)
+        return factors.to(device)
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x: float images in [0, 1], (B, C, H, W) -> augmented (B, C, *img_size), still in [0, 1]."""
+        """x: float images in [0, 1], (B, C, H, W) -> augmented (B, C, *img_size), still in [0, 1].
+
+        The random parameters come from ``generator`` on the CPU (so a seed gives the same batch on any device);
+        the resampling runs where ``x`` is.
+        """
         B = x.shape[0]
         if self.scale is not None:
             area = torch.empty(B).uniform_(*self.scale, generator=generator)
@@ -171,20 +187,20 @@ class BatchAugment:
         theta[:, 0, 2] = cx
         theta[:, 1, 1] = h
         theta[:, 1, 2] = cy
-        grid = F.affine_grid(theta, [B, x.shape[1], *self.img_size], align_corners=False)
+        grid = F.affine_grid(theta.to(x.device), [B, x.shape[1], *self.img_size], align_corners=False)
         x = F.grid_sample(x, grid, mode=self.mode, padding_mode='border', align_corners=False)
 
         brightness, contrast, saturation = self.jitter  # applied in this order (torchvision shuffles it)
         if brightness > 0:
-            x = (x * self._factors(brightness, B, generator)).clamp_(0, 1)
+            x = (x * self._factors(brightness, B, generator, x.device)).clamp_(0, 1)
         if contrast > 0 or (saturation > 0 and x.shape[1] == 3):
             gray = x.mean(dim=1, keepdim=True) if x.shape[1] == 1 else (x * _LUMA.to(x)).sum(1, keepdim=True)
             if contrast > 0:
-                c = self._factors(contrast, B, generator)
+                c = self._factors(contrast, B, generator, x.device)
                 x = (c * x + (1 - c) * gray.mean(dim=(2, 3), keepdim=True)).clamp_(0, 1)
             if saturation > 0 and x.shape[1] == 3:
                 gray = (x * _LUMA.to(x)).sum(1, keepdim=True)
-                s = self._factors(saturation, B, generator)
+                s = self._factors(saturation, B, generator, x.device)
                 x = (s * x + (1 - s) * gray).clamp_(0, 1)
         return x
 
@@ -208,6 +224,9 @@ class BatchLoader:
         rank, world_size: This process's shard of each epoch's order.
         interpolation: Resize mode for evaluation batches.
         channels_last: Yield batches in NHWC memory layout (for a model converted to channels_last).
+        device: Where the dataset is held and batches are built and augmented (a GPU: no per-batch copies and no
+            CPU augmentation in the GPU's way; Fashion-MNIST is 47 MB). Random parameters are drawn on the CPU,
+            so a seed gives the same crops and flips on every device.
     """
 
     def __init__(
@@ -227,15 +246,17 @@ class BatchLoader:
         world_size: int = 1,
         interpolation: str = 'bilinear',
         channels_last: bool = False,
+        device: torch.device | str = 'cpu',
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
             raise ValueError(f'Expected (N, C, H, W) uint8 images, got {tuple(images.shape)} {images.dtype}.')
         if len(mean) != images.shape[1] or len(std) != images.shape[1]:
             raise ValueError(f'mean/std have {len(mean)}/{len(std)} values for {images.shape[1]}-channel images.')
-        self.images, self.labels = images, labels
+        self.device = torch.device(device)
+        self.images, self.labels = images.to(self.device), labels.to(self.device)
         self.batch_size = batch_size
-        self.mean = torch.tensor(mean).view(1, -1, 1, 1)
-        self.std = torch.tensor(std).view(1, -1, 1, 1)
+        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
+        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
         self.img_size = tuple(img_size)
         self.augment = augment
         self.erase = erase
@@ -269,6 +290,7 @@ class BatchLoader:
         global_batch = self.batch_size * self.world_size
         for i in range(len(self)):
             idx = torch.tensor_split(order[i * global_batch : (i + 1) * global_batch], self.world_size)[self.rank]
+            idx = idx.to(self.device)
             x = self.images[idx].float().div_(255)  # (B, C, H, W) in [0, 1]
             if self.augment is not None:
                 x = self.augment(x, generator=self.generator)

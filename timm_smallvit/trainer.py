@@ -327,7 +327,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
     erase = None
     if not args.no_aug and args.reprob > 0:
-        erase = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device='cpu')
+        erase = RandomErasing(args.reprob, mode=args.remode, max_count=args.recount, device=device)
     common = dict(
         mean=data_config['mean'],
         std=data_config['std'],
@@ -335,7 +335,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         rank=args.rank,
         world_size=args.world_size,
         interpolation=data_config['interpolation'],
-        channels_last=args.channels_last,  # .to(device) keeps the layout
+        channels_last=args.channels_last,
+        device=device,  # batches are built and augmented where the model runs
     )
     loader_train = BatchLoader(
         train_x,
