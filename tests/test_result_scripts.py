@@ -1,7 +1,8 @@
-"""scripts/fmnist_accuracy.py and scripts/fmnist_exercises.py: tiny real runs write the README's tables and plots."""
+"""scripts/fmnist_accuracy.py, fmnist_exercises.py, recipe_sweep.py: tiny real runs write the tables and plots."""
 
 import importlib.util
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -67,3 +68,29 @@ def test_exercises_script_gives_each_variant_the_same_budget(tmp_path, fmnist_sr
     assert runs[0]['tokens'] == 50 and runs[1]['tokens'] == 49  # class token or not
     assert '--val-samples 128' in (out / 'results.md').read_text()
     assert (out / 'accuracy_vs_time.png').is_file()
+
+
+def test_recipe_sweep_runs_variants_side_by_side_and_reports_each(tmp_path, fmnist_src):
+    tiny = dict(epochs=2, train_num_samples=256, val_num_samples=128, batch_size=64)
+    plan = [
+        dict(name='demo', base='fashion_mnist_demo', overrides=tiny),
+        dict(name='smooth0', base='fashion_mnist_demo', overrides=dict(tiny, smoothing=0.0)),
+        dict(name='typo', base='fashion_mnist_demo', overrides=dict(tiny, learning_rate=0.1)),
+        dict(name='long', base='fashion_mnist_demo', overrides=dict(tiny, epochs=1000)),
+    ]
+    (tmp_path / 'plan.yaml').write_text(yaml.safe_dump(plan))
+    out = tmp_path / 'out'
+    cmd = [sys.executable, str(REPO_ROOT / 'scripts' / 'recipe_sweep.py'), '--plan', str(tmp_path / 'plan.yaml')]
+    cmd += ['--data', str(fmnist_src), '--out', str(out), '--parallel', '4', '--limit', '40']
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr  # the run with the unknown key failed
+
+    results = {r['name']: r for r in json.loads((out / 'results.json').read_text())}
+    for name in ('demo', 'smooth0'):
+        assert results[name]['status'] == 'done' and len(results[name]['history']) == 2
+        assert results[name]['params'] == 536_602
+        assert f'| {name} | done | 2 | {results[name]["history"][-1]["top1"]:.2f} |' in proc.stdout
+    assert results['typo']['status'].startswith('failed')
+    assert 'learning_rate' in (out / 'logs' / 'typo.log').read_text()  # the trainer names the key it refuses
+    assert results['long']['status'] == 'stopped at the 40 s limit'
+    assert 0 < len(results['long']['epochs_so_far']) < 1000
