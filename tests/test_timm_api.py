@@ -6,10 +6,12 @@ Differences, on purpose: feature levels are min(3, depth), since the seed model 
 """
 
 import math
+from pathlib import Path
 
 import pytest
 import timm
 import torch
+import yaml
 from timm import set_scriptable
 from timm.layers import get_channel_dim, get_spatial_dim
 from timm.models import get_notrace_functions, get_notrace_modules
@@ -42,6 +44,16 @@ def test_variants_span_small_image_sizes():
     assert len(small) >= 3 and all(timm.create_model(n).patch_embed.patch_size[0] <= 4 for n in small)
     assert min(params[n] for n in small) <= 350_000 and max(params[n] for n in small) >= 5_000_000
     assert any(n.endswith('_64') for n in MODEL_NAMES) and any(n.endswith('_96') for n in MODEL_NAMES)
+
+
+def test_medium_convstem_is_the_architecture_the_gpu_runs_measured():
+    # docs/results/gpu/plan_lr.yaml trained smallvit_tiny_convstem_28 with these model_kwargs (5,136,106 parameters)
+    plan = yaml.safe_load((Path(__file__).parents[1] / 'docs/results/gpu/plan_lr.yaml').read_text())
+    measured = timm.create_model('smallvit_tiny_convstem_28', **plan[1]['overrides']['model_kwargs'])
+    model = timm.create_model('smallvit_medium_convstem_28')
+    assert {k: v.shape for k, v in model.state_dict().items()} == {k: v.shape for k, v in measured.state_dict().items()}
+    assert sum(p.numel() for p in model.parameters()) == 5_136_106
+    assert model.patch_embed.grid_size == (7, 7) and model.global_pool == 'avg' and model.cls_token is None
 
 
 @pytest.mark.parametrize('model_name', MODEL_NAMES)

@@ -727,6 +727,7 @@ default_cfgs = generate_default_cfgs(
         'smallvit_tiny_patch8_64': _cfg(input_size=(1, 64, 64)),
         'smallvit_tiny_patch8_96': _cfg(input_size=(1, 96, 96)),
         'smallvit_tiny_convstem_28': _cfg(first_conv='patch_embed.stem.0.conv'),
+        'smallvit_medium_convstem_28': _cfg(first_conv='patch_embed.stem.0.conv'),
     }
 )
 
@@ -834,3 +835,22 @@ def smallvit_tiny_convstem_28(pretrained: bool = False, **kwargs: Any) -> SmallV
         class_token=False,
     )
     return _create_smallvit('smallvit_tiny_convstem_28', pretrained=pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def smallvit_medium_convstem_28(pretrained: bool = False, **kwargs: Any) -> SmallViT:
+    """28 px, conv stem 32-64-128 (strides 1, 1, 2, then 2: a 7x7 grid), width 256, depth 6, 8 heads, mean-pooled.
+
+    The GPU recipe's model (fashion_mnist_gpu): 5.1M parameters, 49 tokens, no class token.
+    """
+    model_args = dict(
+        img_size=28,
+        patch_size=4,
+        stem_chs=(32, 64, 128),
+        stem_strides=(1, 1, 2),
+        embed_dim=256,
+        depth=6,
+        num_heads=8,
+        class_token=False,
+    )
+    return _create_smallvit('smallvit_medium_convstem_28', pretrained=pretrained, **dict(model_args, **kwargs))
