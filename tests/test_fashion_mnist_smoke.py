@@ -1,11 +1,16 @@
 """Smoke test on real Fashion-MNIST images, read offline from the release files in ../shared."""
 
+from pathlib import Path
+
+import filelock
+import pytest
 import timm
 import torch
 import torch.nn.functional as F
 from timm.data import create_transform, resolve_data_config
 from torchvision.datasets import FashionMNIST
 
+from timm_smallvit import data
 from timm_smallvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist, prepare_fashion_mnist
 
 
@@ -61,3 +66,22 @@ def test_timm_pipeline_classifies_real_images_and_a_few_steps_learn(fmnist_src, 
     # (seen here: loss 2.20 -> 1.62, accuracy 0.12 -> 0.38).
     assert last < 0.8 * first
     assert after > 0.3 and after > before + 0.15
+
+
+def test_unpacking_holds_a_lock_that_other_processes_wait_on(fmnist_src, tmp_path, monkeypatch):
+    # parallel runs and torchrun ranks unpack into the same root; a second lock on it must not be granted meanwhile
+    monkeypatch.setenv('SMALLVIT_CACHE', str(tmp_path / 'cache'))
+    real, entered = data.FashionMNIST, []
+
+    def unpack_while_checking_the_lock(root, **kwargs):
+        with pytest.raises(filelock.Timeout):
+            data._unpack_lock(Path(root)).acquire(timeout=0)  # a separate lock object: as another process sees it
+        entered.append(root)
+        return real(root, **kwargs)
+
+    monkeypatch.setattr(data, 'FashionMNIST', unpack_while_checking_the_lock)
+    images, _ = load_fashion_mnist(fmnist_src, train=False, root=tmp_path / 'root')
+    assert len(entered) == 1 and images.shape == (10_000, 28, 28)
+    # the lock file lives in the cache, so a read-only dataset folder still loads
+    assert not [p for p in (tmp_path / 'root').rglob('*') if 'lock' in p.name]
+    assert list((tmp_path / 'cache' / 'locks').glob('*.lock'))

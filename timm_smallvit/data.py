@@ -9,6 +9,7 @@ stay in one tensor and each batch is cropped, flipped and erased as a whole (one
 what :class:`BatchLoader` does for the quick trainer.
 """
 
+import hashlib
 import math
 import os
 import shutil
@@ -106,9 +107,11 @@ def load_fashion_mnist(
 
 def _unpack_lock(root: Path) -> FileLock:
     # torchvision unpacks on first use; processes started together (torchrun ranks, parallel runs) would read
-    # each other's half-written files
-    root.mkdir(parents=True, exist_ok=True)
-    return FileLock(root / '.smallvit-unpack.lock')
+    # each other's half-written files. The lock lives in the cache, since the dataset folder may be read-only.
+    key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
+    locks = default_cache_dir() / 'locks'
+    locks.mkdir(parents=True, exist_ok=True)
+    return FileLock(locks / f'{key}.lock')
 
 
 def load_dataset(
@@ -159,7 +162,9 @@ class BatchAugment:
         self.jitter = tuple(float(c) for c in color_jitter[:3])  # hue (a 4th value) is not applied
         self.mode = interpolation if interpolation in ('bilinear', 'bicubic', 'nearest') else 'bilinear'
 
-    def _factors(self, strength: float, B: int, generator: torch.Generator | None, device: torch.device):
+    def _factors(
+        self, strength: float, B: int, generator: torch.Generator | None, device: torch.device
+    ) -> torch.Tensor:
         factors = torch.empty(B, 1, 1, 1).uniform_(max(0.0, 1 - strength), 1 + strength, generator=generator)
         return factors.to(device)
 
