@@ -22,9 +22,10 @@ Ratios are against timm's ViT under bf16 autocast (the issue's baseline) and in 
 CPU without native bf16). Peak memory is what PyTorch allocates, measured with the profiler (see
 :func:`measure_memory`). An image-size sweep (28 -> 256 px at patch 4) shows how time and memory grow with tokens.
 
-On a CPU without native bf16 (oneDNN's bf16 path unavailable: AVX2 only, no AVX512/AMX) bf16 matmuls are emulated
-at 1.5-25% of fp32 speed depending on the operand layout (measured on an AVX2 VM): bf16 configs run at batch 1
-only (``--bf16 auto``; larger batches would take hours), and the report says what bf16 costs on the machine.
+On a CPU without native bf16 (no AVX512-BF16 or AMX: the trainer's ``cpu_has_native_bf16``) bf16 matmuls are
+emulated; on an AVX2 VM, without even oneDNN's bf16 path, they ran at 1.5-25% of fp32 speed depending on the operand
+layout. There bf16 configs run at batch 1 only (``--bf16 auto``; larger batches would take hours), and the report
+says what bf16 costs on the machine.
 
     python scripts/benchmark.py                 # full run: tables on stdout, runs/benchmark/benchmark.{json,md}
     python scripts/benchmark.py --quick         # a minute or so: 2 rounds, batch 1 and 8, no compile, small sweep
@@ -59,6 +60,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 import timm_smallvit
 from timm_smallvit import to_vision_transformer
+from timm_smallvit.trainer import cpu_has_native_bf16
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,10 +117,11 @@ def busy_warning(load: float, cores: int, threads: int) -> str:
     )
 
 
-def has_fast_bf16() -> bool:
+def has_onednn_bf16() -> bool:
     """Whether bf16 matmuls take oneDNN's bf16 path (AVX512-BF16, AMX, or AVX512 on x86; bf16 on Arm).
 
-    Without it PyTorch falls back to a reference bf16 GEMM that is about 100x slower than fp32.
+    Without it PyTorch falls back to a reference bf16 GEMM that is about 100x slower than fp32. With it bf16 is
+    native only with AVX512-BF16 or AMX (``cpu_has_native_bf16``, the trainer's test); plain AVX512 emulates it.
     """
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
@@ -676,7 +679,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def machine(args: argparse.Namespace, argv: Sequence[str] | None) -> tuple[dict[str, Any], list[str]]:
     """What the numbers depend on: versions, CPU, threads, native bf16, and how busy the machine is."""
     cpu, flags = cpu_info()
-    fast_bf16 = has_fast_bf16()
+    fast_bf16 = cpu_has_native_bf16()  # the trainer's answer, so the benchmark and the recipes agree
     command = 'python scripts/benchmark.py' + ''.join(f' {a}' for a in (sys.argv[1:] if argv is None else argv))
     meta = dict(
         command=command,
@@ -690,6 +693,7 @@ def machine(args: argparse.Namespace, argv: Sequence[str] | None) -> tuple[dict[
         cores=os.cpu_count(),
         threads=torch.get_num_threads(),
         native_bf16=fast_bf16,
+        onednn_bf16=has_onednn_bf16(),
         bf16_policy=args.bf16 if args.bf16 != 'auto' else ('full' if fast_bf16 else 'batch1'),
         load_average_start=os.getloadavg() if hasattr(os, 'getloadavg') else None,
         rounds=args.rounds,
@@ -700,7 +704,8 @@ def machine(args: argparse.Namespace, argv: Sequence[str] | None) -> tuple[dict[
         f'torch {meta["torch"]}, timm {meta["timm"]}, Python {meta["python"]}',
         f'CPU: {cpu} ({meta["cores"]} cores visible, {meta["threads"]} torch threads, '
         f'kernels: {meta["cpu_capability"]})',
-        f'native bf16: {"yes" if fast_bf16 else "no"} (bf16 CPU flags: {", ".join(meta["cpu_bf16_flags"]) or "none"})',
+        f'native bf16: {"yes" if fast_bf16 else "no"} (bf16 CPU flags: {", ".join(meta["cpu_bf16_flags"]) or "none"}; '
+        f'oneDNN bf16 path: {"yes" if meta["onednn_bf16"] else "no"})',
     ]
     if meta['load_average_start']:
         header.append('load average at start: ' + ', '.join(f'{v:.2f}' for v in meta['load_average_start']))
