@@ -232,6 +232,16 @@ def test_amp_on_cpu_is_bf16_autocast_only_with_native_bf16(monkeypatch, caplog, 
         trainer_module._autocast(argparse.Namespace(amp=True, amp_dtype='float16'), torch.device('cpu'))
 
 
+def test_a_recipe_that_names_cuda_warns_when_there_is_none(fmnist_src, monkeypatch, caplog):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    recipe = load_recipe(Path(timm_smallvit.__file__).parent / 'recipes' / 'fashion_mnist_gpu.yaml')
+    with caplog.at_level(logging.WARNING, logger=trainer_module.__name__):
+        resolve_args(dict(QUICK), data_dir=str(fmnist_src))  # device left at its default: quiet
+        assert not caplog.records
+        resolve_args(recipe, data_dir=str(fmnist_src))
+    assert 'asks for device: cuda, but no CUDA GPU is available' in caplog.text
+
+
 def test_shipped_recipes_use_only_honoured_keys(fmnist_src):
     recipes = sorted((Path(__file__).parents[1] / 'timm_smallvit' / 'recipes').glob('*.yaml'))
     assert len(recipes) >= 3

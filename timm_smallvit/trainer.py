@@ -186,6 +186,12 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
         args.num_classes = len(DATASETS[args.dataset])
     if args.dataset == 'torch/fashion_mnist' and args.in_chans is None and args.input_size is None:
         args.in_chans = 1
+    if merged.get('device') == 'cuda' and not torch.cuda.is_available():
+        # train() falls back to the CPU; a recipe that names cuda was sized for a GPU (hours on a CPU)
+        _logger.warning(
+            'The recipe asks for device: cuda, but no CUDA GPU is available: training on the CPU instead. '
+            'Set device: cpu (and fewer epochs) to run it here on purpose.'
+        )
     return args
 
 
