@@ -1,6 +1,6 @@
 """Train variants of shipped recipes side by side, each in its own process, and collect their per-epoch results.
 
-    python scripts/recipe_sweep.py --plan docs/results/gpu/plan.yaml --data ../shared/data/fashion-mnist \
+    python scripts/recipe_sweep.py --plan docs/results/gpu/plan_lr.yaml --data ../shared/data/fashion-mnist \
         --out results/sweep --parallel 4 --limit 500
 
 A plan is a YAML list of runs: ``{name, base (a shipped recipe or a recipe file), overrides (recipe keys)}``. Each run
@@ -87,6 +87,7 @@ def main() -> None:
         for name, entry in results.items():
             final = out / f'{name}.json'
             if final.exists():
+                entry.pop('epochs_so_far', None)  # the history replaces it
                 entry.update(json.loads(final.read_text()))
             else:
                 entry['epochs_so_far'] = _rows(out / 'runs' / name / 'summary.csv')

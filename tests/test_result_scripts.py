@@ -88,7 +88,7 @@ def test_recipe_sweep_runs_variants_side_by_side_and_reports_each(tmp_path, fmni
     results = {r['name']: r for r in json.loads((out / 'results.json').read_text())}
     for name in ('demo', 'smooth0'):
         assert results[name]['status'] == 'done' and len(results[name]['history']) == 2
-        assert results[name]['params'] == 536_602
+        assert results[name]['params'] == 536_602 and 'epochs_so_far' not in results[name]
         assert f'| {name} | done | 2 | {results[name]["history"][-1]["top1"]:.2f} |' in proc.stdout
     assert results['typo']['status'].startswith('failed')
     assert 'learning_rate' in (out / 'logs' / 'typo.log').read_text()  # the trainer names the key it refuses
