@@ -186,12 +186,13 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
         args.num_classes = len(DATASETS[args.dataset])
     if args.dataset == 'torch/fashion_mnist' and args.in_chans is None and args.input_size is None:
         args.in_chans = 1
-    if merged.get('device') == 'cuda' and not torch.cuda.is_available():
-        # train() falls back to the CPU; a recipe that names cuda was sized for a GPU (hours on a CPU)
-        _logger.warning(
-            'The recipe asks for device: cuda, but no CUDA GPU is available: training on the CPU instead. '
-            'Set device: cpu (and fewer epochs) to run it here on purpose.'
-        )
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        if merged.get('device') == 'cuda':  # named in the recipe: sized for a GPU, hours on a CPU
+            _logger.warning(
+                'The recipe asks for device: cuda, but no CUDA GPU is available: training on the CPU instead. '
+                'Set device: cpu (and fewer epochs) to run it here on purpose.'
+            )
+        args.device = 'cpu'  # train.py's default device; here it means cuda when there is one
     return args
 
 
@@ -280,8 +281,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     Raises:
         NonFiniteLossError: when the loss stops being finite; checkpoints from earlier epochs are kept.
     """
-    if args.device == 'cuda' and not torch.cuda.is_available():
-        args.device = 'cpu'
     device = init_distributed_device(args)  # torchrun: gloo on CPU, NCCL on CUDA
     torch.manual_seed(args.seed + args.rank)
     amp_autocast = _autocast(args, device)
