@@ -291,11 +291,10 @@ class BatchLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # Each step takes one global batch of the shared order and gives every process its slice of it, so
         # N processes with batch_size B see the same samples per step as one process with batch_size N * B.
-        order = self._order()
+        order = self._order().to(self.device)  # one copy an epoch, not one a batch
         global_batch = self.batch_size * self.world_size
         for i in range(len(self)):
             idx = torch.tensor_split(order[i * global_batch : (i + 1) * global_batch], self.world_size)[self.rank]
-            idx = idx.to(self.device)
             x = self.images[idx].float().div_(255)  # (B, C, H, W) in [0, 1]
             if self.augment is not None:
                 x = self.augment(x, generator=self.generator)
