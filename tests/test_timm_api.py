@@ -91,6 +91,22 @@ def test_model_backward(model_name):
 
 
 @pytest.mark.parametrize('model_name', MODEL_NAMES)
+def test_create_model_device_and_dtype(model_name):
+    # timm's factory passes device/dtype to the constructor (timm.task's distillation teacher always does)
+    reference = timm.create_model(model_name).state_dict()
+    meta = timm.create_model(model_name, device='meta').state_dict()
+    assert {k: v.shape for k, v in meta.items()} == {k: v.shape for k, v in reference.items()}
+    assert {v.device.type for v in meta.values()} == {'meta'}
+
+    model = timm.create_model(model_name, dtype=torch.bfloat16).eval()
+    floats = {k: v.dtype for k, v in model.state_dict().items() if v.is_floating_point()}
+    assert set(floats.values()) == {torch.bfloat16}, floats
+    with torch.no_grad():
+        out = model(torch.randn(2, *_input_size(model), dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize('model_name', MODEL_NAMES)
 def test_model_default_cfgs(model_name):
     model = timm.create_model(model_name).eval()
     cfg = model.pretrained_cfg

@@ -11,11 +11,12 @@ import pytest
 import timm
 import torch
 import yaml
+from safetensors.torch import save_file
 from timm.data.random_erasing import RandomErasing
 
 import timm_smallvit
 from timm_smallvit import trainer as trainer_module
-from timm_smallvit.data import BatchAugment, BatchLoader
+from timm_smallvit.data import BatchAugment, BatchLoader, load_fashion_mnist
 from timm_smallvit.trainer import TRAIN_PY_DEFAULTS, NonFiniteLossError, load_recipe, resolve_args, train
 
 # Small enough for a few seconds an epoch on 2 CPU cores, real enough to learn.
@@ -266,3 +267,39 @@ def test_defaults_are_train_py_defaults():
     for key, value in TRAIN_PY_DEFAULTS.items():
         assert key in defaults, f'{key} is not a train.py argument'
         assert defaults[key] == value, f'{key}: train.py default {defaults[key]!r}, ours {value!r}'
+
+
+def test_distills_from_a_teacher_folder_through_timm_task(tmp_path, fmnist_src):
+    # A teacher that answers class c as class perm[c]: a student taught by it alone (task_loss_weight 0) must learn
+    # the permuted labels, which a student that quietly learned from the labels would not.
+    teacher_run = _run(tmp_path, fmnist_src, 'teacher', epochs=2)
+    folder = timm_smallvit.export_checkpoint(teacher_run['output_dir'] / 'last.pth.tar', tmp_path / 'teacher_export')
+    perm = torch.randperm(10, generator=torch.Generator().manual_seed(0))
+    teacher = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    state = {k: v.contiguous() for k, v in teacher.state_dict().items()}
+    state['head.weight'], state['head.bias'] = state['head.weight'][perm], state['head.bias'][perm]
+    save_file(state, folder / 'model.safetensors')
+    teacher.load_state_dict(state)
+
+    student = _run(
+        tmp_path,
+        fmnist_src,
+        'student',
+        epochs=2,
+        seed=1,
+        kd_model_name=f'local-dir:{folder}',
+        task_loss_weight=0.0,
+        kd_temperature=1.0,
+    )
+    images, labels = load_fashion_mnist(fmnist_src, train=False)
+    x = (images[:512].unsqueeze(1).float() / 255 - 0.5) / 0.5  # the recipe's mean and std
+    with torch.no_grad():
+        taught = teacher(x).argmax(-1)
+        learned = student['model'].eval()(x).argmax(-1)
+    teacher_top1 = (taught == perm.argsort()[labels[:512]]).float().mean().item()
+    agreement = (learned == taught).float().mean().item()
+    top1 = student['eval_metrics']['top1']
+    print(f'teacher top-1 (permuted labels) {teacher_top1:.3f}, student agreement {agreement:.3f}, top-1 {top1:.2f}')
+    assert teacher_top1 > 0.35  # the permuted teacher knows the classes (measured 0.53; chance is 0.1)
+    assert agreement > 0.5  # measured 0.89 with distillation, 0.12 with it switched off
+    assert top1 < 30.0  # against the true labels: the student learned the teacher's labels, not these

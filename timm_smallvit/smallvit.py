@@ -108,18 +108,21 @@ class ConvStem(nn.Module):
         stem_strides: tuple[int, ...] | None = None,
         output_fmt: str | None = None,
         strict_img_size: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         stem_strides = stem_strides or (2,) * len(stem_chs)
         if len(stem_strides) != len(stem_chs) or not set(stem_strides) <= {1, 2}:
             raise ValueError(f'stem_strides {stem_strides}: one stride, 1 or 2, per stem channel count {stem_chs}.')
         layers = []
         chs = in_chans
         for out_chs, s in zip(stem_chs, stem_strides, strict=True):
-            layers.append(ConvNormAct(chs, out_chs, kernel_size=3, stride=s, padding=1, act_layer=nn.GELU))
+            layers.append(ConvNormAct(chs, out_chs, kernel_size=3, stride=s, padding=1, act_layer=nn.GELU, **dd))
             chs = out_chs
         self.stem = nn.Sequential(*layers)
-        self.proj = nn.Conv2d(chs, embed_dim, kernel_size=3, stride=2, padding=1)
+        self.proj = nn.Conv2d(chs, embed_dim, kernel_size=3, stride=2, padding=1, **dd)
         stride = 2 * math.prod(stem_strides)
         self.patch_size = (stride, stride)
         self.flatten = output_fmt is None
@@ -229,6 +232,8 @@ class Block(nn.Module):
         attn_drop: float = 0.0,
         drop_path: float = 0.0,
         norm_eps: float = 1e-5,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """
         Args:
@@ -241,13 +246,18 @@ class Block(nn.Module):
             attn_drop: Dropout on the attention weights.
             drop_path: Stochastic depth rate of both residual branches.
             norm_eps: LayerNorm epsilon.
+            device: Device of the parameters (timm's factory argument).
+            dtype: Dtype of the parameters (timm's factory argument).
         """
         super().__init__()
-        self.norm1 = LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop)
+        dd = {'device': device, 'dtype': dtype}
+        self.norm1 = LayerNorm(dim, eps=norm_eps, **dd)
+        self.attn = Attention(
+            dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop, **dd
+        )
         self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop)
+        self.norm2 = LayerNorm(dim, eps=norm_eps, **dd)
+        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
         self.mlp.drop1, self.mlp.drop2 = Dropout(proj_drop), Dropout(proj_drop)
         self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
 
@@ -289,6 +299,8 @@ class SmallViT(nn.Module):
         drop_path_rate: float = 0.0,
         fused_attn: bool | None = None,
         weight_init: str = '',
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
     ) -> None:
         """
         Args:
@@ -323,8 +335,11 @@ class SmallViT(nn.Module):
                 path, which is faster there: see :func:`attend`) or always the explicit softmax path (False);
                 None takes timm's global setting (fused unless TIMM_FUSED_ATTN=0).
             weight_init: '' for timm's ViT init, 'skip' to leave PyTorch's defaults.
+            device: Device to create the parameters on, as timm's create_model(..., device=...) passes it.
+            dtype: Dtype of the parameters, as timm's create_model(..., dtype=...) passes it.
         """
         super().__init__()
+        dd = {'device': device, 'dtype': dtype}
         global_pool = resolve_global_pool(global_pool, class_token)
         use_fc_norm = global_pool in ('avg', 'max', 'avgmax') if fc_norm is None else fc_norm
 
@@ -345,7 +360,7 @@ class SmallViT(nn.Module):
         if stem_chs:
             strides = tuple(stem_strides or (2,) * len(stem_chs))
             self.patch_embed = ConvStem(
-                to_2tuple(img_size), in_chans, embed_dim, tuple(stem_chs), strides, **embed_args
+                to_2tuple(img_size), in_chans, embed_dim, tuple(stem_chs), strides, **embed_args, **dd
             )
             if to_2tuple(patch_size) != self.patch_embed.patch_size:
                 raise ValueError(f'This conv stem has a total stride of {self.patch_embed.patch_size[0]}: patch_size.')
@@ -357,10 +372,11 @@ class SmallViT(nn.Module):
                 embed_dim=embed_dim,
                 dynamic_img_pad=dynamic_img_pad,
                 **embed_args,
+                **dd,
             )
         num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd)) if class_token else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim, **dd))
         self.pos_drop = Dropout(pos_drop_rate)
 
         dpr = calculate_drop_path_rates(drop_path_rate, depth)
@@ -376,6 +392,7 @@ class SmallViT(nn.Module):
                     attn_drop=attn_drop_rate,
                     drop_path=dpr[i],
                     norm_eps=norm_eps,
+                    **dd,
                 )
                 for i in range(depth)
             ]
@@ -385,10 +402,10 @@ class SmallViT(nn.Module):
         reduction = self.patch_embed.feat_ratio()
         self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
 
-        self.norm = LayerNorm(embed_dim, eps=norm_eps) if not use_fc_norm else nn.Identity()
-        self.fc_norm = LayerNorm(embed_dim, eps=norm_eps) if use_fc_norm else nn.Identity()
+        self.norm = LayerNorm(embed_dim, eps=norm_eps, **dd) if not use_fc_norm else nn.Identity()
+        self.fc_norm = LayerNorm(embed_dim, eps=norm_eps, **dd) if use_fc_norm else nn.Identity()
         self.head_drop = Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
         if weight_init not in ('', 'skip'):
             raise ValueError(f"Unknown weight_init {weight_init!r}; valid: '' (timm's ViT init) or 'skip'.")
