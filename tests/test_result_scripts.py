@@ -6,6 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import timm
+import torch
 import yaml
 
 from timm_smallvit.launch import recipe_path
@@ -94,3 +97,40 @@ def test_recipe_sweep_runs_variants_side_by_side_and_reports_each(tmp_path, fmni
     assert 'learning_rate' in (out / 'logs' / 'typo.log').read_text()  # the trainer names the key it refuses
     assert results['long']['status'] == 'stopped at the 40 s limit'
     assert 0 < len(results['long']['epochs_so_far']) < 1000
+
+
+def test_distill_script_trains_a_cnn_teacher_then_a_student_from_its_folder(tmp_path, fmnist_src, monkeypatch):
+    tiny = dict(epochs=1, train_num_samples=512, val_num_samples=256, model_ema=True, model_ema_decay=0.9)
+    teacher = yaml.safe_load(recipe_path('fashion_mnist_28').read_text())
+    teacher.update(tiny, model='test_resnet', amp=False)  # timm's own tiny CNN stands in for resnet18
+    (tmp_path / 'teacher.yaml').write_text(yaml.safe_dump(teacher))
+    out = tmp_path / 'out'
+    argv = ['distill.py', '--data', str(fmnist_src), '--teacher', str(tmp_path / 'teacher.yaml')]
+    argv += ['--student', 'fashion_mnist_demo', '--out', str(out), '--set', 'epochs=1', 'train_num_samples=512']
+    argv += ['val_num_samples=256', 'kd_temperature=2.0']
+    monkeypatch.setattr(sys, 'argv', argv)
+    load_script('distill').main()
+
+    # the teacher folder is timm's: config.json names the CNN, and timm rebuilds the run's EMA weights from it
+    folder = out / 'teacher'
+    assert json.loads((folder / 'config.json').read_text())['architecture'] == 'test_resnet'
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True)
+    expected = timm.create_model('test_resnet', num_classes=10, in_chans=1)
+    timm.models.load_checkpoint(expected, str(out / 'runs' / 'teacher' / 'last.pth.tar'), use_ema=True)
+    for k, v in expected.state_dict().items():
+        torch.testing.assert_close(reloaded.state_dict()[k], v)
+    assert list(reloaded.pretrained_cfg['mean']) == [0.5] and list(reloaded.pretrained_cfg['input_size']) == [1, 28, 28]
+
+    # the student ran with the teacher (its args name the folder) and the overrides
+    student_args = yaml.safe_load((out / 'runs' / 'student' / 'args.yaml').read_text())
+    assert student_args['kd_model_name'] == f'local-dir:{folder.resolve()}'
+    assert student_args['kd_temperature'] == 2.0 and student_args['epochs'] == 1
+    results = json.loads((out / 'results.json').read_text())
+    assert [r['run'] for r in results['runs']] == ['teacher', 'student']
+    table = (out / 'results.md').read_text()
+    assert all(f'{r["top1"]:.2f}' in table for r in results['runs'])
+
+    # a second run would overwrite the exported teacher: refused
+    monkeypatch.setattr(sys, 'argv', [*argv[:3], '--teacher-run', str(out / 'runs' / 'teacher'), *argv[5:]])
+    with pytest.raises(FileExistsError, match='not empty'):
+        load_script('distill').main()

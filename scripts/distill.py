@@ -1,0 +1,116 @@
+"""Distil a CNN teacher into a smallvit student on Fashion-MNIST: logit distillation through timm.task.
+
+    python scripts/distill.py --data ../shared/data/fashion-mnist --teacher docs/results/distill/teacher_resnet18.yaml \
+        --student fashion_mnist_28 --set epochs=34 --out results/distill
+
+1. trains the teacher recipe with `smallvit train`'s trainer (or takes --teacher-run, a finished run's folder);
+2. writes the teacher's weights (its EMA when the recipe keeps one: the weights it was evaluated with) as a timm
+   folder with timm's save_for_hf, which timm.create_model('local-dir:<folder>', pretrained=True) loads;
+3. trains the student recipe with ``kd_model_name: local-dir:<folder>`` plus the --set overrides: timm.task's
+   LogitDistillationTask adds the KL divergence to the teacher's softened logits to the student's loss;
+4. writes results.json and results.md: each run's test top-1 after every epoch, wall times, and the student's top-1
+   at 30 minutes (issue 6's budget).
+
+The teacher folder serves timm's train.py the same way: ``--kd-model-name local-dir:<folder>``.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import timm
+import yaml
+from timm.data import resolve_data_config
+from timm.models import load_checkpoint
+from timm.models._hub import save_for_hf
+from timm.utils import setup_default_logging
+
+from timm_smallvit.launch import recipe_path
+from timm_smallvit.trainer import load_recipe, resolve_args, train
+
+BUDGET_S = 30 * 60
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, sep, value = text.partition('=')
+    if not sep:
+        raise argparse.ArgumentTypeError(f'{text!r}: expected KEY=VALUE')
+    return key, yaml.safe_load(value)
+
+
+def save_teacher(run_dir: Path, folder: Path) -> Path:
+    """Write a finished run's model (EMA weights when it kept an EMA) as a folder timm loads with local-dir:."""
+    args = yaml.safe_load((run_dir / 'args.yaml').read_text())
+    model = timm.create_model(
+        args['model'], num_classes=args['num_classes'], in_chans=args['in_chans'], **(args.get('model_kwargs') or {})
+    )
+    load_checkpoint(model, str(run_dir / 'last.pth.tar'), use_ema=bool(args.get('model_ema')))
+    data_config = resolve_data_config(args, model=model)  # as train.py does: recipe values over model defaults
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f'{folder} is not empty: remove it or choose another --out.')
+    save_for_hf(model, folder, safe_serialization=True, data_config=data_config)
+    return folder
+
+
+def _summary(name: str, role: str, history: list[dict]) -> dict:
+    in_budget = [h['top1'] for h in history if h['wall_time'] <= BUDGET_S]
+    return dict(
+        run=name,
+        role=role,
+        epochs=len(history),
+        wall_time=history[-1]['wall_time'],
+        top1=history[-1]['top1'],
+        best_top1=max(h['top1'] for h in history),
+        top1_at_30min=in_budget[-1] if in_budget else None,
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--data', required=True, help='folder with the Fashion-MNIST release files')
+    parser.add_argument('--teacher', help='teacher recipe (name or YAML path), trained first')
+    parser.add_argument('--teacher-run', help="a finished teacher run's folder (args.yaml, last.pth.tar) instead")
+    parser.add_argument('--student', default='fashion_mnist_28', help='student recipe (name or YAML path)')
+    parser.add_argument('--set', nargs='*', type=_override, default=[], metavar='KEY=VALUE', help='student overrides')
+    parser.add_argument('--out', default='results/distill', help='output folder')
+    args = parser.parse_args()
+    setup_default_logging()  # the trainer reports each epoch through logging, as `smallvit train` shows it
+    if bool(args.teacher) == bool(args.teacher_run):
+        parser.error('give one of --teacher (a recipe to train) or --teacher-run (a finished run)')
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    results = []
+
+    if args.teacher:
+        teacher_args = resolve_args(
+            load_recipe(recipe_path(args.teacher)), data_dir=args.data, output=str(out / 'runs'), experiment='teacher'
+        )
+        teacher = train(teacher_args)
+        teacher_run = teacher['output_dir']
+        results.append(dict(_summary('teacher', 'teacher', teacher['history']), history=teacher['history']))
+    else:
+        teacher_run = Path(args.teacher_run)
+    folder = save_teacher(teacher_run, out / 'teacher')
+
+    recipe = load_recipe(recipe_path(args.student))
+    recipe.update(dict(args.set), kd_model_name=f'local-dir:{folder.resolve()}')
+    student_args = resolve_args(recipe, data_dir=args.data, output=str(out / 'runs'), experiment='student')
+    student = train(student_args)
+    results.append(dict(_summary('student', 'student', student['history']), history=student['history']))
+    (out / 'results.json').write_text(json.dumps(dict(teacher_run=str(teacher_run), runs=results), indent=1))
+
+    lines = [
+        '| run | epochs | wall time (s) | test top-1 (%) | best epoch (%) | top-1 at 30 min (%) |',
+        '|---|---|---|---|---|---|',
+    ]
+    for r in results:
+        at_30 = f'{r["top1_at_30min"]:.2f}' if r['top1_at_30min'] is not None else '-'
+        lines.append(
+            f'| {r["run"]} | {r["epochs"]} | {r["wall_time"]:.0f} | {r["top1"]:.2f} | {r["best_top1"]:.2f} | {at_30} |'
+        )
+    (out / 'results.md').write_text('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+
+
+if __name__ == '__main__':
+    main()
