@@ -15,6 +15,7 @@ The teacher folder serves timm's train.py the same way: ``--kd-model-name local-
 """
 
 import argparse
+import csv
 import json
 from pathlib import Path
 
@@ -52,17 +53,23 @@ def save_teacher(run_dir: Path, folder: Path) -> Path:
     return folder
 
 
-def _summary(name: str, role: str, history: list[dict]) -> dict:
-    in_budget = [h['top1'] for h in history if h['wall_time'] <= BUDGET_S]
+def _summary(name: str, history: list[dict]) -> dict:
+    timed = 'wall_time' in history[-1]  # a reused teacher run has only its summary.csv: no wall times
+    in_budget = [h['top1'] for h in history if timed and h['wall_time'] <= BUDGET_S]
     return dict(
         run=name,
-        role=role,
         epochs=len(history),
-        wall_time=history[-1]['wall_time'],
+        wall_time=history[-1]['wall_time'] if timed else None,
         top1=history[-1]['top1'],
         best_top1=max(h['top1'] for h in history),
         top1_at_30min=in_budget[-1] if in_budget else None,
+        history=history,
     )
+
+
+def _read_history(run_dir: Path) -> list[dict]:
+    with (run_dir / 'summary.csv').open() as f:
+        return [dict(epoch=int(r['epoch']), top1=float(r['eval_top1'])) for r in csv.DictReader(f)]
 
 
 def main() -> None:
@@ -87,16 +94,17 @@ def main() -> None:
         )
         teacher = train(teacher_args)
         teacher_run = teacher['output_dir']
-        results.append(dict(_summary('teacher', 'teacher', teacher['history']), history=teacher['history']))
+        results.append(_summary('teacher', teacher['history']))
     else:
         teacher_run = Path(args.teacher_run)
+        results.append(_summary('teacher', _read_history(teacher_run)))
     folder = save_teacher(teacher_run, out / 'teacher')
 
     recipe = load_recipe(recipe_path(args.student))
     recipe.update(dict(args.set), kd_model_name=f'local-dir:{folder.resolve()}')
     student_args = resolve_args(recipe, data_dir=args.data, output=str(out / 'runs'), experiment='student')
     student = train(student_args)
-    results.append(dict(_summary('student', 'student', student['history']), history=student['history']))
+    results.append(_summary('student', student['history']))
     (out / 'results.json').write_text(json.dumps(dict(teacher_run=str(teacher_run), runs=results), indent=1))
 
     lines = [
@@ -104,10 +112,9 @@ def main() -> None:
         '|---|---|---|---|---|---|',
     ]
     for r in results:
+        wall = f'{r["wall_time"]:.0f}' if r['wall_time'] is not None else '-'
         at_30 = f'{r["top1_at_30min"]:.2f}' if r['top1_at_30min'] is not None else '-'
-        lines.append(
-            f'| {r["run"]} | {r["epochs"]} | {r["wall_time"]:.0f} | {r["top1"]:.2f} | {r["best_top1"]:.2f} | {at_30} |'
-        )
+        lines.append(f'| {r["run"]} | {r["epochs"]} | {wall} | {r["top1"]:.2f} | {r["best_top1"]:.2f} | {at_30} |')
     (out / 'results.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
 

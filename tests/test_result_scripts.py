@@ -130,7 +130,14 @@ def test_distill_script_trains_a_cnn_teacher_then_a_student_from_its_folder(tmp_
     table = (out / 'results.md').read_text()
     assert all(f'{r["top1"]:.2f}' in table for r in results['runs'])
 
-    # a second run would overwrite the exported teacher: refused
-    monkeypatch.setattr(sys, 'argv', [*argv[:3], '--teacher-run', str(out / 'runs' / 'teacher'), *argv[5:]])
+    # a finished teacher run can be reused, but not into the same --out: that would overwrite the exported teacher
+    reuse = [*argv[:3], '--teacher-run', str(out / 'runs' / 'teacher'), *argv[5:]]
+    monkeypatch.setattr(sys, 'argv', reuse)
     with pytest.raises(FileExistsError, match='not empty'):
         load_script('distill').main()
+    out2 = tmp_path / 'out2'
+    monkeypatch.setattr(sys, 'argv', [*reuse, '--out', str(out2)])
+    load_script('distill').main()
+    reused = json.loads((out2 / 'results.json').read_text())['runs']
+    assert reused[0]['top1'] == results['runs'][0]['top1'] and reused[0]['wall_time'] is None  # from summary.csv
+    assert (out2 / 'teacher' / 'model.safetensors').read_bytes() == (folder / 'model.safetensors').read_bytes()
