@@ -24,7 +24,7 @@ import yaml
 from timm.data import resolve_data_config
 from timm.models import load_checkpoint
 from timm.models._hub import save_for_hf
-from timm.utils import setup_default_logging
+from timm.utils import ParseKwargs, setup_default_logging
 
 from timm_smallvit.launch import recipe_path
 from timm_smallvit.trainer import load_recipe, resolve_args, train
@@ -32,11 +32,9 @@ from timm_smallvit.trainer import load_recipe, resolve_args, train
 BUDGET_S = 30 * 60
 
 
-def _override(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition('=')
-    if not sep:
-        raise argparse.ArgumentTypeError(f'{text!r}: expected KEY=VALUE')
-    return key, yaml.safe_load(value)
+def _check_empty(folder: Path) -> None:
+    if folder.exists() and any(folder.iterdir()):
+        raise FileExistsError(f'{folder} is not empty: remove it or choose another --out.')
 
 
 def save_teacher(run_dir: Path, folder: Path) -> Path:
@@ -47,8 +45,7 @@ def save_teacher(run_dir: Path, folder: Path) -> Path:
     )
     load_checkpoint(model, str(run_dir / 'last.pth.tar'), use_ema=bool(args.get('model_ema')))
     data_config = resolve_data_config(args, model=model)  # as train.py does: recipe values over model defaults
-    if folder.exists() and any(folder.iterdir()):
-        raise FileExistsError(f'{folder} is not empty: remove it or choose another --out.')
+    _check_empty(folder)
     save_for_hf(model, folder, safe_serialization=True, data_config=data_config)
     return folder
 
@@ -78,13 +75,14 @@ def main() -> None:
     parser.add_argument('--teacher', help='teacher recipe (name or YAML path), trained first')
     parser.add_argument('--teacher-run', help="a finished teacher run's folder (args.yaml, last.pth.tar) instead")
     parser.add_argument('--student', default='fashion_mnist_28', help='student recipe (name or YAML path)')
-    parser.add_argument('--set', nargs='*', type=_override, default=[], metavar='KEY=VALUE', help='student overrides')
+    parser.add_argument('--set', nargs='*', action=ParseKwargs, default={}, metavar='KEY=VALUE', help='student keys')
     parser.add_argument('--out', default='results/distill', help='output folder')
     args = parser.parse_args()
     setup_default_logging()  # the trainer reports each epoch through logging, as `smallvit train` shows it
     if bool(args.teacher) == bool(args.teacher_run):
         parser.error('give one of --teacher (a recipe to train) or --teacher-run (a finished run)')
     out = Path(args.out)
+    _check_empty(out / 'teacher')  # before hours of training, not after
     out.mkdir(parents=True, exist_ok=True)
     results = []
 
@@ -101,7 +99,7 @@ def main() -> None:
     folder = save_teacher(teacher_run, out / 'teacher')
 
     recipe = load_recipe(recipe_path(args.student))
-    recipe.update(dict(args.set), kd_model_name=f'local-dir:{folder.resolve()}')
+    recipe.update(args.set, kd_model_name=f'local-dir:{folder.resolve()}')
     student_args = resolve_args(recipe, data_dir=args.data, output=str(out / 'runs'), experiment='student')
     student = train(student_args)
     results.append(_summary('student', student['history']))
