@@ -225,12 +225,12 @@ def test_bf16_autocast_on_cpu(tmp_path, fmnist_src, caplog):
 def test_amp_on_cpu_is_bf16_autocast_only_with_native_bf16(monkeypatch, caplog, native):
     monkeypatch.setattr(trainer_module, 'cpu_has_native_bf16', lambda: native)
     args = argparse.Namespace(amp=True, amp_dtype='bfloat16')
-    with caplog.at_level(logging.WARNING), trainer_module._autocast(args, torch.device('cpu'))():
+    with caplog.at_level(logging.WARNING), trainer_module.autocast_context(args, torch.device('cpu'))():
         enabled = torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
     assert enabled == native and args.amp == native
     assert ('training in float32 instead' in caplog.text) != native
     with pytest.raises(ValueError, match='float16 autocast is for CUDA'):
-        trainer_module._autocast(argparse.Namespace(amp=True, amp_dtype='float16'), torch.device('cpu'))
+        trainer_module.autocast_context(argparse.Namespace(amp=True, amp_dtype='float16'), torch.device('cpu'))
 
 
 def test_a_recipe_that_names_cuda_warns_when_there_is_none(fmnist_src, monkeypatch, caplog):

@@ -17,7 +17,7 @@ import torch
 from .data import BatchLoader, load_dataset
 from .hub import export_checkpoint
 from .launch import recipe_path
-from .trainer import _autocast, load_recipe, resolve_args, train
+from .trainer import autocast_context, load_recipe, resolve_args, train
 
 __all__ = ['run_demo']
 
@@ -73,7 +73,7 @@ def run_demo(
         channels_last=bool(args.channels_last),
     )
     # evaluate as the trainer did (bf16 autocast when it trained so), so the count below is the trainer's top-1
-    amp_autocast = _autocast(args, torch.device('cpu'))
+    amp_autocast = autocast_context(args, torch.device('cpu'))
     correct = 0
     with torch.inference_mode(), amp_autocast():
         for x, y in loader:

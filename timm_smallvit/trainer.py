@@ -18,6 +18,7 @@ import os
 import platform
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,7 @@ from tqdm import tqdm
 
 from .data import DATASETS, BatchAugment, BatchLoader, load_dataset
 
-__all__ = ['TRAIN_PY_DEFAULTS', 'NonFiniteLossError', 'load_recipe', 'resolve_args', 'train']
+__all__ = ['TRAIN_PY_DEFAULTS', 'NonFiniteLossError', 'autocast_context', 'load_recipe', 'resolve_args', 'train']
 
 _logger = logging.getLogger(__name__)
 
@@ -207,8 +208,12 @@ def cpu_has_native_bf16() -> bool:
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
-def _autocast(args: argparse.Namespace, device: torch.device):
-    """The autocast context factory for ``args.amp``; on a CPU without native bf16 it sets ``args.amp`` False."""
+def autocast_context(args: argparse.Namespace, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
+    """The autocast context factory the trainer runs under, for evaluating a model as it was trained.
+
+    ``with autocast_context(args, device)(): model(x)``. bf16 (or float16 on CUDA) autocast when ``args.amp``;
+    on a CPU without native bf16 a no-op, and ``args.amp`` is set False (float32 is the fast path there).
+    """
     if not args.amp:
         return contextlib.nullcontext
     dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
@@ -283,7 +288,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """
     device = init_distributed_device(args)  # torchrun: gloo on CPU, NCCL on CUDA
     torch.manual_seed(args.seed + args.rank)
-    amp_autocast = _autocast(args, device)
+    amp_autocast = autocast_context(args, device)
     loss_scaler = NativeScaler() if args.amp and args.amp_dtype == 'float16' else None
     primary = is_primary(args)
 
