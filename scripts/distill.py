@@ -15,7 +15,6 @@ The teacher folder serves timm's train.py the same way: ``--kd-model-name local-
 """
 
 import argparse
-import csv
 import json
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from timm.models import load_checkpoint
 from timm.models._hub import save_for_hf
 from timm.utils import ParseKwargs, setup_default_logging
 
+from timm_smallvit.hub import read_summary
 from timm_smallvit.launch import recipe_path
 from timm_smallvit.trainer import load_recipe, resolve_args, train
 
@@ -64,9 +64,9 @@ def _summary(name: str, history: list[dict]) -> dict:
     )
 
 
-def _read_history(run_dir: Path) -> list[dict]:
-    with (run_dir / 'summary.csv').open() as f:
-        return [dict(epoch=int(r['epoch']), top1=float(r['eval_top1'])) for r in csv.DictReader(f)]
+def _history(run_dir: Path) -> list[dict]:
+    # read_summary keeps one row per epoch where a resumed run repeated some
+    return [dict(epoch=int(r['epoch']), top1=r['eval_top1']) for r in read_summary(run_dir / 'summary.csv')]
 
 
 def main() -> None:
@@ -95,7 +95,7 @@ def main() -> None:
         results.append(_summary('teacher', teacher['history']))
     else:
         teacher_run = Path(args.teacher_run)
-        results.append(_summary('teacher', _read_history(teacher_run)))
+        results.append(_summary('teacher', _history(teacher_run)))
     folder = save_teacher(teacher_run, out / 'teacher')
 
     recipe = load_recipe(recipe_path(args.student))

@@ -40,7 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .data import FASHION_MNIST_CLASSES
 
-__all__ = ['create_model', 'export_checkpoint', 'push_to_hub']
+__all__ = ['create_model', 'export_checkpoint', 'push_to_hub', 'read_summary']
 
 _logger = logging.getLogger(__name__)
 
@@ -124,7 +124,7 @@ def export_checkpoint(
     state_dict, info = _read_checkpoint(checkpoint, use_ema)
     args = info['args']
     model, name = _rebuild(state_dict, args, model_name, model_kwargs, source=checkpoint)
-    rows = _read_summary(summary_path) if summary_path.is_file() else []
+    rows = read_summary(summary_path) if summary_path.is_file() else []
     if summary is not None and not rows:
         raise ValueError(f'{summary_path} has no epoch rows: pass the summary.csv that timm wrote for this run.')
 
@@ -346,10 +346,10 @@ def _check_reload(model: nn.Module, folder: Path) -> None:
             )
 
 
-def _read_summary(path: Path) -> list[dict[str, float]]:
+def read_summary(path: str | os.PathLike) -> list[dict[str, float]]:
     """Rows of a timm summary.csv, one per epoch (the last one wins when a resumed run repeats an epoch)."""
     by_epoch: dict[int, dict[str, float]] = {}
-    with path.open(newline='') as f:
+    with Path(path).open(newline='') as f:
         for row in csv.DictReader(f):
             values = {}
             for key, value in row.items():
