@@ -151,6 +151,7 @@ class Bench:
     times: list[float] = field(default_factory=list)  # seconds per step, one per round
     first_step_s: float | None = None  # includes compilation for compiled configs
     memory: dict[str, float] | None = None
+    faults: list[float] = field(default_factory=list)  # minor page faults per step, one per round
 
     @property
     def dtype(self) -> str:
@@ -194,6 +195,7 @@ class Bench:
             flops_per_s=self.flops_per_s,
             first_step_s=self.first_step_s,
             memory=self.memory,
+            minor_page_faults_per_step=statistics.median(self.faults) if self.faults else None,
         )
 
 
@@ -419,6 +421,15 @@ def measure_memory(bench: Bench) -> dict[str, float]:
     return dict(held_mib=held / MiB, step_peak_mib=peak / MiB, peak_mib=(held + peak) / MiB)
 
 
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where the OS does not count them)."""
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 def timed(fn: Callable[[], Any]) -> float:
     t0 = time.perf_counter()
     fn()
@@ -454,10 +465,11 @@ def run_rounds(benches: list[Bench], rounds: int, label: str) -> None:
             gc.collect()
             gc.disable()  # no collector pauses inside the timed steps
             try:
-                t0 = time.perf_counter()
+                f0, t0 = minor_faults(), time.perf_counter()
                 for _ in range(bench.iters):
                     bench.step()
                 bench.times.append((time.perf_counter() - t0) / bench.iters)
+                bench.faults.append((minor_faults() - f0) / bench.iters)
             finally:
                 gc.enable()
         log(f'{label}: round {r + 1}/{rounds} took {time.perf_counter() - t_round:.1f} s')
@@ -698,6 +710,7 @@ def machine(args: argparse.Namespace, argv: Sequence[str] | None) -> tuple[dict[
         load_average_start=os.getloadavg() if hasattr(os, 'getloadavg') else None,
         rounds=args.rounds,
         compile=args.compile,
+        glibc_tunables=os.environ.get('GLIBC_TUNABLES'),
     )
     header = [
         f'command: {command}',
@@ -707,6 +720,8 @@ def machine(args: argparse.Namespace, argv: Sequence[str] | None) -> tuple[dict[
         f'native bf16: {"yes" if fast_bf16 else "no"} (bf16 CPU flags: {", ".join(meta["cpu_bf16_flags"]) or "none"}; '
         f'oneDNN bf16 path: {"yes" if meta["onednn_bf16"] else "no"})',
     ]
+    if meta['glibc_tunables']:  # malloc settings change what a step costs in page faults
+        header.append(f'GLIBC_TUNABLES={meta["glibc_tunables"]}')
     if meta['load_average_start']:
         header.append('load average at start: ' + ', '.join(f'{v:.2f}' for v in meta['load_average_start']))
         busy = busy_warning(meta['load_average_start'][0], meta['cores'] or 1, meta['threads'])

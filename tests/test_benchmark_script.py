@@ -46,6 +46,7 @@ def test_tiny_run_prints_tables_and_writes_json(bench, tmp_path, capsys):
     timed = [b for b in benches if not b['skipped']]
     assert all(b['images_per_s'] > 0 and len(b['seconds_per_step_per_round']) == 2 for b in compare if b in timed)
     assert result['peaks_flops_per_s']['fp32'] > 0
+    assert all(b['minor_page_faults_per_step'] >= 0 for b in compare if b in timed)
 
     def get(model, kind):
         return next(b for b in compare if b['model'] == model and b['kind'] == kind and b['mode'] == 'fp32')
