@@ -150,3 +150,13 @@ def test_cli_train_py_warns_when_train_py_would_emulate_bf16(fmnist_src, capsys,
     assert main([*argv, '--', '--device', 'cpu']) == 0  # the demo recipe sets amp: true
     err = capsys.readouterr().err
     assert ('train.py would emulate bf16' in err) != native
+
+
+def test_cli_train_py_warns_about_keys_only_the_quick_trainer_honours(fmnist_src, capsys, monkeypatch, tmp_path):
+    # train.py's --config would take crop_off_epoch silently as a default and never read it
+    monkeypatch.setenv('SMALLVIT_CACHE', str(tmp_path / 'cache'))
+    argv = ['--train-py', 'train.py', '--data-dir', str(fmnist_src), '--', '--device', 'cpu']
+    assert main(['train-py', 'fashion_mnist_28', *argv]) == 0
+    assert "crop_off_epoch: 41, which only `smallvit train` honours: timm's train.py" in capsys.readouterr().err
+    assert main(['train-py', 'fashion_mnist_demo', *argv]) == 0
+    assert 'only `smallvit train` honours' not in capsys.readouterr().err

@@ -17,7 +17,14 @@ from timm.data.random_erasing import RandomErasing
 import timm_smallvit
 from timm_smallvit import trainer as trainer_module
 from timm_smallvit.data import BatchAugment, BatchLoader, load_fashion_mnist
-from timm_smallvit.trainer import TRAIN_PY_DEFAULTS, NonFiniteLossError, load_recipe, resolve_args, train
+from timm_smallvit.trainer import (
+    QUICK_TRAINER_KEYS,
+    TRAIN_PY_DEFAULTS,
+    NonFiniteLossError,
+    load_recipe,
+    resolve_args,
+    train,
+)
 
 # Small enough for a few seconds an epoch on 2 CPU cores, real enough to learn.
 QUICK = dict(
@@ -94,6 +101,30 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, fmnist_src):
     full_state = full['model'].state_dict()
     for k, v in resumed['model'].state_dict().items():
         torch.testing.assert_close(v, full_state[k], rtol=1e-5, atol=1e-6)
+
+
+def test_crop_off_epoch_trains_on_whole_images_from_that_epoch(tmp_path, fmnist_src):
+    images, _ = load_fashion_mnist(fmnist_src, train=True)
+    whole = ((images[:256].float() / 255 - 0.5) / 0.5).flatten(1)  # QUICK's mean/std are timm's 0.5 for 'L'
+    seen: list[torch.Tensor] = []
+
+    def record(module, inputs):
+        if isinstance(module, timm_smallvit.SmallViT) and module.training:  # evaluation batches are never cropped
+            seen.append(inputs[0].detach().flatten(1).clone())
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        _run(tmp_path, fmnist_src, 'crop_off', epochs=3, train_num_samples=256, hflip=0.0, crop_off_epoch=2)
+    finally:
+        handle.remove()
+    assert len(seen) == 3 * 256 // 64
+    # the distance from each training input to the nearest whole training image: zero only without a crop
+    nearest = [
+        torch.cdist(batch, whole, compute_mode='donot_use_mm_for_euclid_dist').min(dim=1).values for batch in seen
+    ]
+    before, after = torch.cat(nearest[:8]), torch.cat(nearest[8:])
+    assert after.max() < 1e-3, 'epoch 2 (crop_off_epoch) still cropped'
+    assert before.min() > 0.1, 'epochs 0-1 were not cropped'
 
 
 def test_channels_last_trains_the_same_model_and_exports(tmp_path, fmnist_src):
@@ -186,6 +217,9 @@ def test_unknown_recipe_keys_are_refused_by_name(fmnist_src):
         resolve_args(dict(QUICK, data_dir=str(fmnist_src), dataset='torch/imagenet'))
     with pytest.raises(ValueError, match='data_dir is not set'):
         resolve_args(dict(QUICK))
+    for bad in (-1, 2.5, 'late', True):
+        with pytest.raises(ValueError, match='crop_off_epoch'):
+            resolve_args(dict(QUICK, data_dir=str(fmnist_src), crop_off_epoch=bad))
 
 
 def test_existing_run_is_not_overwritten(tmp_path, fmnist_src):
@@ -248,7 +282,7 @@ def test_shipped_recipes_use_only_honoured_keys(fmnist_src):
     assert len(recipes) >= 3
     for path in recipes:
         recipe = load_recipe(path)
-        assert set(recipe) <= set(TRAIN_PY_DEFAULTS), path.name
+        assert set(recipe) <= set(TRAIN_PY_DEFAULTS) | set(QUICK_TRAINER_KEYS), path.name
         assert timm.is_model(recipe['model'])
 
 
@@ -267,6 +301,8 @@ def test_defaults_are_train_py_defaults():
     for key, value in TRAIN_PY_DEFAULTS.items():
         assert key in defaults, f'{key} is not a train.py argument'
         assert defaults[key] == value, f'{key}: train.py default {defaults[key]!r}, ours {value!r}'
+    for key in QUICK_TRAINER_KEYS:  # if train.py gains one, it should be read from train.py's list instead
+        assert key not in defaults, f'{key} is a train.py argument now'
 
 
 def test_distills_from_a_teacher_folder_through_timm_task(tmp_path, fmnist_src):

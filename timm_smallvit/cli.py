@@ -56,7 +56,7 @@ def _train_py(args: argparse.Namespace) -> int:
 
     from .data import prepare_fashion_mnist
     from .launch import format_command, recipe_path, train_py_command
-    from .trainer import cpu_has_native_bf16, load_recipe
+    from .trainer import QUICK_TRAINER_KEYS, cpu_has_native_bf16, load_recipe
 
     data_dir = args.data_dir
     recipe = load_recipe(recipe_path(args.recipe))
@@ -72,6 +72,15 @@ def _train_py(args: argparse.Namespace) -> int:
             f'warning: {args.recipe} sets amp: true, and this CPU has no native bf16 (no AVX512-BF16 / AMX): '
             'train.py would emulate bf16, several times slower than float32. Run a copy of the recipe without '
             'its amp lines, or `smallvit train`, which falls back to float32.',
+            file=sys.stderr,
+        )
+    unused = {k: v for k, v in recipe.items() if k in QUICK_TRAINER_KEYS and v != QUICK_TRAINER_KEYS[k]}
+    if unused:
+        # train.py's --config turns every key into a default, so it would take these silently and do nothing
+        print(
+            f'warning: {args.recipe} sets {", ".join(f"{k}: {v}" for k, v in unused.items())}, which only '
+            "`smallvit train` honours: timm's train.py has no such argument and runs the recipe without it "
+            '(crop_off_epoch: it crops to the last epoch).',
             file=sys.stderr,
         )
     command = train_py_command(

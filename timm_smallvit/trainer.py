@@ -2,7 +2,9 @@
 
 It is for a CPU or a few GPUs and small in-memory datasets (Fashion-MNIST, CIFAR-10). Recipes are YAML files with
 train.py's argument names, so the same file drives ``train.py --config``. The trainer honours the keys listed in
-:data:`TRAIN_PY_DEFAULTS` (with train.py's defaults) and refuses any other key by name rather than ignore it.
+:data:`TRAIN_PY_DEFAULTS` (with train.py's defaults) and the few of its own in :data:`QUICK_TRAINER_KEYS` (which
+train.py does not know: ``smallvit train-py`` warns that they go unused there), and refuses any other key by name
+rather than ignore it.
 
 Pieces from timm: ClassificationTask / LogitDistillationTask and their evaluator (timm.task), create_optimizer_v2,
 create_scheduler_v2, ModelEmaV3 (through the task), Mixup, the loss classes, CheckpointSaver and update_summary, so
@@ -38,7 +40,15 @@ from tqdm import tqdm
 
 from .data import DATASETS, BatchAugment, BatchLoader, load_dataset
 
-__all__ = ['TRAIN_PY_DEFAULTS', 'NonFiniteLossError', 'autocast_context', 'load_recipe', 'resolve_args', 'train']
+__all__ = [
+    'QUICK_TRAINER_KEYS',
+    'TRAIN_PY_DEFAULTS',
+    'NonFiniteLossError',
+    'autocast_context',
+    'load_recipe',
+    'resolve_args',
+    'train',
+]
 
 _logger = logging.getLogger(__name__)
 
@@ -145,6 +155,13 @@ TRAIN_PY_DEFAULTS: dict[str, Any] = {
     'eval_metric': 'top1',
 }
 
+# Recipe keys of this trainer that train.py has no argument for, with their defaults (which change nothing).
+QUICK_TRAINER_KEYS: dict[str, Any] = {
+    # From this epoch (0-based, as train.py's mixup_off_epoch) the training images are no longer cropped (flip and
+    # erasing stay): the last epochs see whole images, as the test does. 0: crop to the end.
+    'crop_off_epoch': 0,
+}
+
 
 class NonFiniteLossError(FloatingPointError):
     """Training stopped because the loss became NaN or infinite."""
@@ -168,19 +185,21 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
     """
     merged = dict(recipe)
     merged.update({k: v for k, v in overrides.items() if v is not None})
-    unknown = sorted(set(merged) - set(TRAIN_PY_DEFAULTS))
+    unknown = sorted(set(merged) - set(TRAIN_PY_DEFAULTS) - set(QUICK_TRAINER_KEYS))
     if unknown:
         raise ValueError(
             f'smallvit train does not honour recipe key(s): {", ".join(unknown)}. Remove them, or run the recipe '
             f"with timm's train.py (`smallvit train-py` prints its command line)."
         )
-    args = argparse.Namespace(**{**TRAIN_PY_DEFAULTS, **merged})
+    args = argparse.Namespace(**{**TRAIN_PY_DEFAULTS, **QUICK_TRAINER_KEYS, **merged})
     if args.dataset not in DATASETS:
         raise ValueError(f'dataset {args.dataset!r}: the quick trainer reads {", ".join(DATASETS)}.')
     if args.data_dir is None:
         raise ValueError('data_dir is not set: point it at the dataset (Fashion-MNIST: the release *-ubyte.gz files).')
     if args.amp and args.amp_dtype not in ('bfloat16', 'float16'):
         raise ValueError(f"amp_dtype {args.amp_dtype!r}: use 'bfloat16' or 'float16'.")
+    if isinstance(args.crop_off_epoch, bool) or not isinstance(args.crop_off_epoch, int) or args.crop_off_epoch < 0:
+        raise ValueError(f'crop_off_epoch {args.crop_off_epoch!r}: an epoch number (0-based), or 0 to crop to the end.')
     if args.kd_model_name and args.kd_distill_type != 'logit':
         raise ValueError(f'kd_distill_type {args.kd_distill_type!r}: the quick trainer distills logits only.')
     if args.num_classes is None:
@@ -461,6 +480,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         torch.manual_seed(args.seed + args.rank + 7919 * epoch)  # dropout etc.: a resumed run repeats this epoch
         if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             mixup_fn.mixup_enabled = False
+        if augment is not None and args.crop_off_epoch and epoch >= args.crop_off_epoch:
+            augment.scale = None  # whole images from here on; flip, jitter and erasing as before
         trainable = task.get_trainable_module()
         trainable.train()
         loss_sum, loss_count, seen, t_epoch = 0.0, 0, 0, time.perf_counter()
