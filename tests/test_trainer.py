@@ -222,6 +222,14 @@ def test_unknown_recipe_keys_are_refused_by_name(fmnist_src):
             resolve_args(dict(QUICK, data_dir=str(fmnist_src), crop_off_epoch=bad))
 
 
+def test_crop_off_epoch_past_the_last_epoch_warns(fmnist_src, caplog):
+    with caplog.at_level(logging.WARNING, logger='timm_smallvit.trainer'):
+        resolve_args(dict(QUICK, data_dir=str(fmnist_src), epochs=5, crop_off_epoch=4))
+        assert not caplog.records
+        resolve_args(dict(QUICK, data_dir=str(fmnist_src), epochs=4, crop_off_epoch=4))
+    assert 'crop_off_epoch 4 is not below epochs (4): every epoch crops' in caplog.text
+
+
 def test_existing_run_is_not_overwritten(tmp_path, fmnist_src):
     (tmp_path / 'taken').mkdir()
     (tmp_path / 'taken' / 'summary.csv').write_text('precious\n')

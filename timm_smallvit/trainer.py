@@ -200,6 +200,12 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
         raise ValueError(f"amp_dtype {args.amp_dtype!r}: use 'bfloat16' or 'float16'.")
     if isinstance(args.crop_off_epoch, bool) or not isinstance(args.crop_off_epoch, int) or args.crop_off_epoch < 0:
         raise ValueError(f'crop_off_epoch {args.crop_off_epoch!r}: an epoch number (0-based), or 0 to crop to the end.')
+    # e.g. a recipe's epochs shortened with --set: say so rather than crop to the end silently
+    if args.crop_off_epoch and args.crop_off_epoch >= args.epochs:
+        _logger.warning(
+            f'crop_off_epoch {args.crop_off_epoch} is not below epochs ({args.epochs}): every epoch crops. '
+            'Lower crop_off_epoch with the epochs to keep whole images for the last epochs.'
+        )
     if args.kd_model_name and args.kd_distill_type != 'logit':
         raise ValueError(f'kd_distill_type {args.kd_distill_type!r}: the quick trainer distills logits only.')
     if args.num_classes is None:
