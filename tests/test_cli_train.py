@@ -12,7 +12,7 @@ import yaml
 
 from timm_smallvit.cli import main
 from timm_smallvit.launch import list_recipes, recipe_path, train_py_command
-from timm_smallvit.trainer import load_recipe
+from timm_smallvit.trainer import TRAIN_PY_WITHOUT, load_recipe
 
 from .test_trainer import QUICK
 
@@ -154,13 +154,19 @@ def test_cli_train_py_warns_when_train_py_would_emulate_bf16(fmnist_src, capsys,
 
 
 def test_cli_train_py_warns_about_keys_only_the_quick_trainer_honours(fmnist_src, capsys, monkeypatch, tmp_path):
-    # train.py's --config would take crop_off_epoch silently as a default and never read it
+    # train.py's --config would take crop_off_epoch etc. silently as defaults and never read them
     monkeypatch.setenv('SMALLVIT_CACHE', str(tmp_path / 'cache'))
     argv = ['--train-py', 'train.py', '--data-dir', str(fmnist_src), '--', '--device', 'cpu']
     assert main(['train-py', 'fashion_mnist_28', *argv]) == 0
-    crop_off = load_recipe(recipe_path('fashion_mnist_28'))['crop_off_epoch']
-    assert (
-        f"crop_off_epoch: {crop_off}, which only `smallvit train` honours: timm's train.py" in capsys.readouterr().err
-    )
+    recipe, err = load_recipe(recipe_path('fashion_mnist_28')), capsys.readouterr().err
+    assert "which only `smallvit train` honours: timm's train.py has no such argument" in err
+    for key in ('budget_minutes', 'crop_off_epoch', 'eval_hflip'):  # each with what train.py does instead
+        assert f'{key}: {recipe[key]}' in err and f'{key}: {TRAIN_PY_WITHOUT[key]}' in err, key
     assert main(['train-py', 'fashion_mnist_demo', *argv]) == 0
     assert 'only `smallvit train` honours' not in capsys.readouterr().err
+    # each key says what train.py does without it
+    recipe = dict(load_recipe(recipe_path('fashion_mnist_demo')), eval_hflip=True)
+    (tmp_path / 'hflip.yaml').write_text(yaml.safe_dump(recipe))
+    assert main(['train-py', str(tmp_path / 'hflip.yaml'), *argv]) == 0
+    err = capsys.readouterr().err
+    assert 'sets eval_hflip: True, which only' in err and '(eval_hflip: it evaluates one view of each image)' in err

@@ -25,7 +25,8 @@ def load_script(name: str):
 
 def test_accuracy_script_trains_a_recipe_and_plots_it(tmp_path, fmnist_src, monkeypatch):
     recipe = yaml.safe_load(recipe_path('fashion_mnist_demo').read_text())
-    recipe.update(epochs=2, train_num_samples=512, val_num_samples=256)
+    # a budget two epochs overrun: the run is fitted to 2 epochs, and the table says so
+    recipe.update(epochs=3, budget_minutes=0.001, eval_hflip=True, train_num_samples=512, val_num_samples=256)
     (tmp_path / 'tiny.yaml').write_text(yaml.safe_dump(recipe))
     out = tmp_path / 'out'
     argv = [
@@ -41,10 +42,12 @@ def test_accuracy_script_trains_a_recipe_and_plots_it(tmp_path, fmnist_src, monk
     load_script('fmnist_accuracy').main()
 
     runs = json.loads((out / 'results.json').read_text())
-    assert [len(r['history']) for r in runs] == [2]
+    assert [len(r['history']) for r in runs] == [2] and runs[0]['epochs'] == 2
     assert all(0 <= h['top1'] <= 100 and h['wall_time'] > 0 for h in runs[0]['history'])
     table = (out / 'results.md').read_text()
-    assert f'{runs[0]["history"][-1]["top1"]:.2f}' in table
+    last = runs[0]['history'][-1]
+    assert f'| 2 | {last["wall_time"]:.0f} | {last["top1"]:.2f} |' in table
+    assert table.splitlines()[-1].endswith(f'| {last["top1"]:.2f} | {last["top1_single"]:.2f} |')  # at 30 min
     assert (out / 'accuracy_vs_time.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
     # --replot redraws from results.json alone, without data or training

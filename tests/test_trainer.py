@@ -11,6 +11,7 @@ import pytest
 import timm
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 from timm.data.random_erasing import RandomErasing
 
@@ -127,6 +128,90 @@ def test_crop_off_epoch_trains_on_whole_images_from_that_epoch(tmp_path, fmnist_
     assert before.min() > 0.1, 'epochs 0-1 were not cropped'
 
 
+def test_eval_hflip_scores_the_mean_of_each_image_and_its_mirror_and_only_the_ema_is_evaluated(tmp_path, fmnist_src):
+    eval_forwards = []
+
+    def count(module, inputs):
+        if isinstance(module, timm_smallvit.SmallViT) and not module.training:
+            eval_forwards.append(len(inputs[0]))
+
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(count)
+    try:
+        result = _run(
+            tmp_path,
+            fmnist_src,
+            'hflip',
+            epochs=3,
+            val_num_samples=256,
+            model_ema=True,
+            model_ema_decay=0.9,
+            eval_hflip=True,
+        )
+    finally:
+        handle.remove()
+    # each epoch one pass of two views over the 256 test images, by the EMA alone (the raw weights are not evaluated)
+    assert sum(eval_forwards) == 3 * 2 * 256
+
+    # oracle: the returned (EMA) model on the first 256 test images, the mirror flipping the width axis
+    images, labels = load_fashion_mnist(fmnist_src, train=False)
+    x, y = (images[:256, None].float() / 255 - 0.5) / 0.5, labels[:256]
+    model = result['model'].eval()
+    with torch.inference_mode():
+        single = model(x)
+        both = (single + model(x.flip(-1))) / 2
+    row = _summary(result['output_dir'])[-1]
+    assert row['eval_top1'] == pytest.approx(100 * (both.argmax(1) == y).float().mean().item())
+    assert row['eval_top1_single'] == pytest.approx(100 * (single.argmax(1) == y).float().mean().item())
+    assert row['eval_loss'] == pytest.approx(torch.nn.functional.cross_entropy(both, y).item(), rel=1e-4)
+    assert row['eval_loss_single'] == pytest.approx(torch.nn.functional.cross_entropy(single, y).item(), rel=1e-4)
+    assert result['history'][-1]['top1_single'] == row['eval_top1_single']
+
+    # the export's card describes the weights alone: single-view numbers, the flip-TTA top-1 in a note
+    folder = timm_smallvit.export_checkpoint(result['output_dir'] / 'last.pth.tar', tmp_path / 'export', use_ema=True)
+    card = ModelCard.load(folder / 'README.md')
+    metrics = {r.metric_type: r.metric_value for r in card.data.eval_results}
+    assert metrics == {'accuracy': row['eval_top1_single'], 'top_5_accuracy': row['eval_top5_single']}
+    assert f'with its mirror (eval_hflip: the mean of the two logits): top-1 {row["eval_top1"]:.2f}%' in card.text
+    table_row = f'| 2 | {row["train_loss"]:.4f} | {row["eval_loss_single"]:.4f} | {row["eval_top1_single"]:.2f} |'
+    assert table_row in card.text
+
+
+def test_budget_minutes_fits_the_schedule_to_the_time_measured(tmp_path, fmnist_src):
+    # a budget that two epochs already overrun: the run stops there, its schedule and crop_off_epoch refitted
+    tiny = dict(train_num_samples=512, val_num_samples=128)
+    result = _run(tmp_path, fmnist_src, 'tiny_budget', epochs=6, crop_off_epoch=3, budget_minutes=0.001, **tiny)
+    assert [r['epoch'] for r in _summary(result['output_dir'])] == [0, 1]
+    recorded = yaml.safe_load((result['output_dir'] / 'args.yaml').read_text())
+    assert (recorded['epochs'], recorded['crop_off_epoch'], recorded['budget_minutes']) == (2, 1, 0.001)
+    assert _load_checkpoint(result['output_dir'] / 'last.pth.tar')['epoch'] == 1
+
+    args = argparse.Namespace(budget_minutes=1, distributed=False)
+    assert trainer_module._fit_to_budget(args, 2, elapsed_s=20.0, epoch_s=10.0) == 5  # 40 s left, 10.3 s an epoch
+    assert trainer_module._fit_to_budget(args, 2, elapsed_s=70.0, epoch_s=10.0) == 2
+
+
+@pytest.mark.parametrize('per_step', [False, True], ids=['per_epoch', 'per_step'])
+def test_a_schedule_refitted_by_the_budget_continues_as_if_planned_that_long(
+    tmp_path, fmnist_src, monkeypatch, per_step
+):
+    common = dict(warmup_epochs=0, sched_on_updates=per_step, train_num_samples=512, val_num_samples=128)
+    planned = _run(tmp_path, fmnist_src, 'planned', epochs=5, crop_off_epoch=3, **common)
+    monkeypatch.setattr(trainer_module, '_fit_to_budget', lambda args, done, elapsed_s, epoch_s: 5)
+    fitted = _run(tmp_path, fmnist_src, 'fitted', epochs=7, crop_off_epoch=4, budget_minutes=30, **common)
+    # a budget never raises the recipe's epochs (on a GPU 30 minutes would be hundreds of epochs)
+    monkeypatch.setattr(trainer_module, '_fit_to_budget', lambda args, done, elapsed_s, epoch_s: 9)
+    kept = _run(tmp_path, fmnist_src, 'kept', epochs=3, budget_minutes=30, **common)
+    assert len(_summary(kept['output_dir'])) == 3 and kept['args'].epochs == 3
+    lr_planned = [r['lr'] for r in _summary(planned['output_dir'])]
+    lr_fitted = [r['lr'] for r in _summary(fitted['output_dir'])]
+    assert len(lr_fitted) == 5
+    # summary.csv logs the lr each epoch trained at: epoch 1 still on the 7-epoch cosine, from epoch 2 (after the
+    # refit at the end of epoch 1) on the 5-epoch one
+    assert lr_fitted[1] != pytest.approx(lr_planned[1])
+    assert lr_fitted[2:] == pytest.approx(lr_planned[2:], rel=1e-9)
+    assert (fitted['args'].epochs, fitted['args'].crop_off_epoch) == (5, 3)  # round(4 * 5 / 7)
+
+
 def test_channels_last_trains_the_same_model_and_exports(tmp_path, fmnist_src):
     # train.py's --channels-last: the conv stem runs NHWC (1.0-1.4x faster here); the result must not change
     sgd = dict(epochs=1, opt='sgd', lr=0.05)  # Adam would magnify rounding in near-zero gradients to whole steps
@@ -220,6 +305,14 @@ def test_unknown_recipe_keys_are_refused_by_name(fmnist_src):
     for bad in (-1, 2.5, 'late', True):
         with pytest.raises(ValueError, match='crop_off_epoch'):
             resolve_args(dict(QUICK, data_dir=str(fmnist_src), crop_off_epoch=bad))
+    for bad in (1, 'yes', None):
+        with pytest.raises(ValueError, match='eval_hflip'):
+            resolve_args(dict(QUICK, data_dir=str(fmnist_src), eval_hflip=bad))
+    for bad in (-1, '30', True, float('inf'), None):
+        with pytest.raises(ValueError, match='budget_minutes'):
+            resolve_args(dict(QUICK, data_dir=str(fmnist_src), budget_minutes=bad))
+    with pytest.raises(ValueError, match='plateau schedule'):
+        resolve_args(dict(QUICK, data_dir=str(fmnist_src), budget_minutes=30, sched='plateau'))
 
 
 def test_crop_off_epoch_past_the_last_epoch_warns(fmnist_src, caplog):
@@ -286,6 +379,7 @@ def test_a_recipe_that_names_cuda_warns_when_there_is_none(fmnist_src, monkeypat
 
 
 def test_shipped_recipes_use_only_honoured_keys(fmnist_src):
+    assert set(trainer_module.TRAIN_PY_WITHOUT) == set(QUICK_TRAINER_KEYS)  # train-py's warning names each one
     recipes = sorted((Path(__file__).parents[1] / 'timm_smallvit' / 'recipes').glob('*.yaml'))
     assert len(recipes) >= 3
     for path in recipes:

@@ -56,7 +56,7 @@ def _train_py(args: argparse.Namespace) -> int:
 
     from .data import prepare_fashion_mnist
     from .launch import format_command, recipe_path, train_py_command
-    from .trainer import QUICK_TRAINER_KEYS, cpu_has_native_bf16, load_recipe
+    from .trainer import QUICK_TRAINER_KEYS, TRAIN_PY_WITHOUT, cpu_has_native_bf16, load_recipe
 
     data_dir = args.data_dir
     recipe = load_recipe(recipe_path(args.recipe))
@@ -79,8 +79,9 @@ def _train_py(args: argparse.Namespace) -> int:
         # train.py's --config turns every key into a default, so it would take these silently and do nothing
         print(
             f'warning: {args.recipe} sets {", ".join(f"{k}: {v}" for k, v in unused.items())}, which only '
-            "`smallvit train` honours: timm's train.py has no such argument and runs the recipe without it "
-            '(crop_off_epoch: it crops to the last epoch).',
+            "`smallvit train` honours: timm's train.py has no such argument and runs the recipe without it ("
+            + '; '.join(f'{k}: {TRAIN_PY_WITHOUT[k]}' for k in unused)
+            + ').',
             file=sys.stderr,
         )
     command = train_py_command(

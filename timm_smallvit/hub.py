@@ -127,6 +127,8 @@ def export_checkpoint(
     rows = read_summary(summary_path) if summary_path.is_file() else []
     if summary is not None and not rows:
         raise ValueError(f'{summary_path} has no epoch rows: pass the summary.csv that timm wrote for this run.')
+    if args.get('eval_hflip'):
+        rows = [_single_view(row) for row in rows]
 
     dataset_key = _dataset_key(args.get('dataset'))
     hub_dataset, dataset_name, labels = _DATASETS.get(dataset_key, (None, None, None))
@@ -489,6 +491,18 @@ def _model_card(
     return ModelCard.from_template(card_data, template_path=str(_template_path()), **context)
 
 
+def _single_view(row: dict[str, float]) -> dict[str, float]:
+    # A run with eval_hflip logged the mean of each image's and its mirror's logits as eval_*, and the weights alone as
+    # eval_*_single. The card describes the weights alone (what timm's validate.py reproduces): single-view numbers
+    # become eval_*, the flip-TTA ones eval_*_hflip.
+    row = dict(row)
+    for name in ('loss', 'top1', 'top5'):
+        if f'eval_{name}_single' in row:
+            row[f'eval_{name}_hflip'] = row.pop(f'eval_{name}')
+            row[f'eval_{name}'] = row.pop(f'eval_{name}_single')
+    return row
+
+
 def _final_result(rows: list[dict[str, float]], args: dict[str, Any], info: dict[str, Any]):
     """The summary row of the checkpoint's epoch, whether it measures the exported weights, and notes for the card."""
     notes: list[str] = []
@@ -500,7 +514,7 @@ def _final_result(rows: list[dict[str, float]], args: dict[str, Any], info: dict
         notes.append(f'summary.csv has no row for epoch {epoch} of this checkpoint; no result is reported for it.')
         return None, notes
     metric, eval_metric = info.get('metric'), args.get('eval_metric') or 'top1'
-    logged = row.get(f'eval_{eval_metric}')
+    logged = row.get(f'eval_{eval_metric}_hflip', row.get(f'eval_{eval_metric}'))  # what the checkpoint recorded
     if (
         metric is not None
         and logged is not None
@@ -519,6 +533,11 @@ def _final_result(rows: list[dict[str, float]], args: dict[str, Any], info: dict
     final['sentence'] = (
         f'Measured during training (summary.csv, {which}) on the evaluation split, epoch {int(row["epoch"])}:'
     )
+    if 'eval_top1_hflip' in row:
+        notes.append(
+            f'The numbers here are single-view. The run also evaluated each image with its mirror (eval_hflip: the '
+            f'mean of the two logits): top-1 {row["eval_top1_hflip"]:.2f}% at epoch {int(row["epoch"])}.'
+        )
     if not describes_export:
         exported = 'EMA weights' if info.get('ema') else 'trained (non-EMA) weights'
         notes.append(

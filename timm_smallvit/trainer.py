@@ -16,6 +16,7 @@ torchrun on CPU (gloo) as well as GPUs (NCCL), a progress bar, a clear stop on a
 import argparse
 import contextlib
 import logging
+import math
 import os
 import platform
 import time
@@ -43,6 +44,7 @@ from .data import DATASETS, BatchAugment, BatchLoader, load_dataset
 __all__ = [
     'QUICK_TRAINER_KEYS',
     'TRAIN_PY_DEFAULTS',
+    'TRAIN_PY_WITHOUT',
     'NonFiniteLossError',
     'autocast_context',
     'load_recipe',
@@ -160,7 +162,25 @@ QUICK_TRAINER_KEYS: dict[str, Any] = {
     # From this epoch (0-based, as train.py's mixup_off_epoch) the training images are no longer cropped (flip and
     # erasing stay): the last epochs see whole images, as the test does. 0: crop to the end.
     'crop_off_epoch': 0,
+    # Evaluate on each image and its mirror (flip test-time augmentation): the eval metrics are those of the mean of
+    # the two logits (the reduction of train.py's --tta), and the single-view ones are kept as loss_single,
+    # top1_single and top5_single (the numbers timm's validate.py gives the weights alone).
+    'eval_hflip': False,
+    # Minutes of training (wall time from the first step, evaluation included) to fit the schedule into: after the
+    # second epoch the trainer measures it and lowers epochs to what fits (never raises them: on a fast machine or
+    # a GPU the recipe's epochs stand), scaling crop_off_epoch and mixup_off_epoch with them. 0: no budget.
+    'budget_minutes': 0,
 }
+# What train.py does instead when a recipe sets one of them (its --config takes them silently): for the warning of
+# `smallvit train-py`.
+TRAIN_PY_WITHOUT: dict[str, str] = {
+    'crop_off_epoch': 'it crops to the last epoch',
+    'eval_hflip': 'it evaluates one view of each image',
+    'budget_minutes': "it trains the recipe's epochs, however long they take",
+}
+# The fitted schedule assumes each epoch takes this much longer than the measured one: a VM's speed drifts by a few
+# percent within a run (41-46 s epochs in one 28 px run here).
+_BUDGET_MARGIN = 1.03
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -198,6 +218,13 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
         raise ValueError('data_dir is not set: point it at the dataset (Fashion-MNIST: the release *-ubyte.gz files).')
     if args.amp and args.amp_dtype not in ('bfloat16', 'float16'):
         raise ValueError(f"amp_dtype {args.amp_dtype!r}: use 'bfloat16' or 'float16'.")
+    budget = args.budget_minutes
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < math.inf:
+        raise ValueError(f'budget_minutes {budget!r}: minutes of training to fit the schedule to, or 0 for none.')
+    if budget and args.sched == 'plateau':
+        raise ValueError('budget_minutes needs a schedule of known length; the plateau schedule has none.')
+    if not isinstance(args.eval_hflip, bool):
+        raise ValueError(f'eval_hflip {args.eval_hflip!r}: true or false.')
     if isinstance(args.crop_off_epoch, bool) or not isinstance(args.crop_off_epoch, int) or args.crop_off_epoch < 0:
         raise ValueError(f'crop_off_epoch {args.crop_off_epoch!r}: an epoch number (0-based), or 0 to crop to the end.')
     # e.g. a recipe's epochs shortened with --set: say so rather than crop to the end silently
@@ -289,6 +316,7 @@ def _all_finite(loss: torch.Tensor, args: argparse.Namespace) -> bool:
 
 def _evaluate(task, model: torch.nn.Module, loader: BatchLoader, args, device, amp_autocast) -> OrderedDict:
     evaluator = task.create_evaluator()
+    single = task.create_evaluator() if args.eval_hflip else None
     model.eval()
     with torch.inference_mode():
         for x, y in loader:
@@ -296,9 +324,26 @@ def _evaluate(task, model: torch.nn.Module, loader: BatchLoader, args, device, a
                 continue
             x, y = x.to(device), y.to(device)
             with amp_autocast():
-                output = model(x)
-            evaluator.update(output.float(), y)
-    return evaluator.compute(distributed=args.distributed)
+                output = model(x).float()
+                if single is not None:
+                    single.update(output, y)
+                    output = (output + model(x.flip(-1)).float()) / 2
+            evaluator.update(output, y)
+    metrics = evaluator.compute(distributed=args.distributed)
+    if single is not None:
+        metrics.update((f'{k}_single', v) for k, v in single.compute(distributed=args.distributed).items())
+    return metrics
+
+
+def _fit_to_budget(args: argparse.Namespace, epochs_done: int, elapsed_s: float, epoch_s: float) -> int:
+    """The schedule's length in epochs that ends within ``args.budget_minutes``, given the time so far."""
+    left = args.budget_minutes * 60 - elapsed_s
+    fitted = epochs_done + max(0, math.floor(left / (epoch_s * _BUDGET_MARGIN)))
+    if args.distributed:  # every process must run the same schedule: the primary's measurement decides
+        fitted_t = torch.tensor([fitted], dtype=torch.int64, device=args.device)
+        dist.broadcast(fitted_t, src=0)
+        fitted = int(fitted_t.item())
+    return fitted
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
@@ -453,6 +498,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         updates_per_epoch=updates_per_epoch,
     )
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
+    fit_epoch = None  # the epoch after which the schedule is fitted to budget_minutes
+    if args.budget_minutes and start_epoch == 0:
+        fit_epoch = 1
+    elif args.budget_minutes and primary:
+        _logger.warning(
+            f'budget_minutes {args.budget_minutes}: a resumed run keeps the epochs it was given ({args.epochs}); '
+            "set epochs (and crop_off_epoch) to the fitted values in the first run's args.yaml to resume it as fitted."
+        )
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch)
@@ -481,7 +534,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     history: list[dict[str, float]] = []  # per epoch, with cumulative wall time (for accuracy-vs-time plots)
     t_start = time.perf_counter()
     num_updates = start_epoch * updates_per_epoch
-    for epoch in range(start_epoch, num_epochs):
+    epoch = start_epoch
+    while epoch < num_epochs:  # budget_minutes can change num_epochs after the second epoch
+        t_epoch_wall = time.perf_counter()
         loader_train.set_epoch(epoch)
         torch.manual_seed(args.seed + args.rank + 7919 * epoch)  # dropout etc.: a resumed run repeats this epoch
         if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
@@ -543,9 +598,10 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         train_metrics = OrderedDict(loss=train_loss.item())
         train_time = time.perf_counter() - t_epoch
 
-        eval_metrics = _evaluate(task, task.get_eval_model(), loader_eval, args, device, amp_autocast)
-        if task.has_ema():
-            eval_metrics = _evaluate(task, task.get_eval_model(ema=True), loader_eval, args, device, amp_autocast)
+        # with an EMA only the EMA is evaluated: its metrics are the ones recorded (as in train.py's summary), and
+        # a second pass over the test set for the raw weights cost 4% of a 28 px epoch for a number nobody saw
+        eval_model = task.get_eval_model(ema=task.has_ema())
+        eval_metrics = _evaluate(task, eval_model, loader_eval, args, device, amp_autocast)
         lrs = [group['lr'] for group in optimizer.param_groups]
         if primary:
             update_summary(
@@ -559,13 +615,39 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             _logger.info(
                 f'epoch {epoch + 1}/{num_epochs}  train loss {train_metrics["loss"]:.4f}  '
                 f'eval loss {eval_metrics["loss"]:.4f}  top-1 {eval_metrics["top1"]:.2f}  '
-                f'top-5 {eval_metrics["top5"]:.2f}  ({train_time:.0f}s, {seen / train_time:.0f} img/s)'
+                f'top-5 {eval_metrics["top5"]:.2f}  '
+                + (f'(single view {eval_metrics["top1_single"]:.2f})  ' if args.eval_hflip else '')
+                + f'({train_time:.0f}s, {seen / train_time:.0f} img/s)'
             )
         history.append(
             dict(epoch=epoch, wall_time=time.perf_counter() - t_start, train_loss=train_metrics['loss'], **eval_metrics)
         )
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+        if epoch == fit_epoch:
+            elapsed, epoch_s = time.perf_counter() - t_start, time.perf_counter() - t_epoch_wall
+            fitted = min(_fit_to_budget(args, epoch + 1, elapsed, epoch_s), num_epochs)
+            if fitted != num_epochs:
+                old_epochs, extra = args.epochs, num_epochs - args.epochs  # extra: cooldown the factory added
+                args.epochs = max(fitted - extra, 1)
+                for key in ('crop_off_epoch', 'mixup_off_epoch'):
+                    if getattr(args, key):
+                        setattr(args, key, round(getattr(args, key) * args.epochs / old_epochs))
+                lr_scheduler, num_epochs = create_scheduler_v2(
+                    optimizer,
+                    **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+                    updates_per_epoch=updates_per_epoch,
+                )  # the optimizer keeps its initial_lr, so the new schedule starts from the same base
+                lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+                lr_scheduler.step_update(num_updates=num_updates)
+                if primary:
+                    (output_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), default_flow_style=False))
+                    _logger.info(
+                        f'budget_minutes {args.budget_minutes}: {epoch + 1} epochs took {elapsed:.0f} s, the last '
+                        f'{epoch_s:.1f} s: {num_epochs} epochs in all instead of {old_epochs + extra}'
+                        + (f' (crop_off_epoch {args.crop_off_epoch})' if args.crop_off_epoch else '')
+                    )
+        epoch += 1
 
     if args.distributed:
         dist.barrier()
