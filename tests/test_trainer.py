@@ -186,8 +186,27 @@ def test_budget_minutes_fits_the_schedule_to_the_time_measured(tmp_path, fmnist_
     assert _load_checkpoint(result['output_dir'] / 'last.pth.tar')['epoch'] == 1
 
     args = argparse.Namespace(budget_minutes=1, distributed=False)
-    assert trainer_module._fit_to_budget(args, 2, elapsed_s=20.0, epoch_s=10.0) == 5  # 40 s left, 10.3 s an epoch
-    assert trainer_module._fit_to_budget(args, 2, elapsed_s=70.0, epoch_s=10.0) == 2
+    assert trainer_module._fit_to_budget(args, 2, elapsed_s=20.0) == 5  # 40 s left, 10.3 s an epoch
+    assert trainer_module._fit_to_budget(args, 2, elapsed_s=70.0) == 2
+
+
+def test_budget_refits_as_the_pace_changes_until_the_last_fifth_or_crop_off(tmp_path, fmnist_src, monkeypatch):
+    calls = []
+
+    def pace(args, done, elapsed_s):  # the machine turns out faster after the second epoch
+        calls.append(done)
+        return 6 if done == 2 else 7
+
+    monkeypatch.setattr(trainer_module, '_fit_to_budget', pace)
+    tiny = dict(train_num_samples=256, val_num_samples=64)
+    result = _run(tmp_path, fmnist_src, 'refits', epochs=8, crop_off_epoch=6, budget_minutes=30, **tiny)
+    # 6 epochs (crop off from round(6 * 6 / 8) = 4), then 7 (crop off from round(6 * 7 / 8) = 5), then no refit
+    # once crop-off is next (after epoch 4, epoch 5 switches it off)
+    assert calls == [2, 3, 4]
+    assert (result['args'].epochs, result['args'].crop_off_epoch) == (7, 5)
+    assert len(_summary(result['output_dir'])) == 7
+    recorded = yaml.safe_load((result['output_dir'] / 'args.yaml').read_text())
+    assert (recorded['epochs'], recorded['crop_off_epoch']) == (7, 5)
 
 
 @pytest.mark.parametrize('per_step', [False, True], ids=['per_epoch', 'per_step'])
@@ -196,10 +215,10 @@ def test_a_schedule_refitted_by_the_budget_continues_as_if_planned_that_long(
 ):
     common = dict(warmup_epochs=0, sched_on_updates=per_step, train_num_samples=512, val_num_samples=128)
     planned = _run(tmp_path, fmnist_src, 'planned', epochs=5, crop_off_epoch=3, **common)
-    monkeypatch.setattr(trainer_module, '_fit_to_budget', lambda args, done, elapsed_s, epoch_s: 5)
+    monkeypatch.setattr(trainer_module, '_fit_to_budget', lambda args, done, elapsed_s: 5)
     fitted = _run(tmp_path, fmnist_src, 'fitted', epochs=7, crop_off_epoch=4, budget_minutes=30, **common)
     # a budget never raises the recipe's epochs (on a GPU 30 minutes would be hundreds of epochs)
-    monkeypatch.setattr(trainer_module, '_fit_to_budget', lambda args, done, elapsed_s, epoch_s: 9)
+    monkeypatch.setattr(trainer_module, '_fit_to_budget', lambda args, done, elapsed_s: 9)
     kept = _run(tmp_path, fmnist_src, 'kept', epochs=3, budget_minutes=30, **common)
     assert len(_summary(kept['output_dir'])) == 3 and kept['args'].epochs == 3
     lr_planned = [r['lr'] for r in _summary(planned['output_dir'])]

@@ -166,9 +166,10 @@ QUICK_TRAINER_KEYS: dict[str, Any] = {
     # the two logits (the reduction of train.py's --tta), and the single-view ones are kept as loss_single,
     # top1_single and top5_single (the numbers timm's validate.py gives the weights alone).
     'eval_hflip': False,
-    # Minutes of training (wall time from the first step, evaluation included) to fit the schedule into: after the
-    # second epoch the trainer measures it and lowers epochs to what fits (never raises them: on a fast machine or
-    # a GPU the recipe's epochs stand), scaling crop_off_epoch and mixup_off_epoch with them. 0: no budget.
+    # Minutes of training (wall time from the first step, evaluation included) to fit the schedule into: from the
+    # second epoch until the last fifth of the schedule, the trainer sets epochs to what fits at the pace so far
+    # (never above the recipe's: on a fast machine or a GPU they stand), scaling crop_off_epoch and mixup_off_epoch
+    # with them. 0: no budget.
     'budget_minutes': 0,
 }
 # What train.py does instead when a recipe sets one of them (its --config takes them silently): for the warning of
@@ -335,10 +336,11 @@ def _evaluate(task, model: torch.nn.Module, loader: BatchLoader, args, device, a
     return metrics
 
 
-def _fit_to_budget(args: argparse.Namespace, epochs_done: int, elapsed_s: float, epoch_s: float) -> int:
-    """The schedule's length in epochs that ends within ``args.budget_minutes``, given the time so far."""
+def _fit_to_budget(args: argparse.Namespace, epochs_done: int, elapsed_s: float) -> int:
+    """The schedule's length in epochs that ends within ``args.budget_minutes``, at the pace of the epochs so far."""
     left = args.budget_minutes * 60 - elapsed_s
-    fitted = epochs_done + max(0, math.floor(left / (epoch_s * _BUDGET_MARGIN)))
+    # the mean epoch so far, not the last one: one epoch's time moved by 12% from the one before here
+    fitted = epochs_done + max(0, math.floor(left / (elapsed_s / epochs_done * _BUDGET_MARGIN)))
     if args.distributed:  # every process must run the same schedule: the primary's measurement decides
         fitted_t = torch.tensor([fitted], dtype=torch.int64, device=args.device)
         dist.broadcast(fitted_t, src=0)
@@ -498,10 +500,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         updates_per_epoch=updates_per_epoch,
     )
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
-    fit_epoch = None  # the epoch after which the schedule is fitted to budget_minutes
-    if args.budget_minutes and start_epoch == 0:
-        fit_epoch = 1
-    elif args.budget_minutes and primary:
+    refit = bool(args.budget_minutes) and start_epoch == 0  # fit the schedule to budget_minutes as it goes
+    planned = {k: getattr(args, k) for k in ('epochs', 'crop_off_epoch', 'mixup_off_epoch')}
+    if args.budget_minutes and not refit and primary:
         _logger.warning(
             f'budget_minutes {args.budget_minutes}: a resumed run keeps the epochs it was given ({args.epochs}); '
             "set epochs (and crop_off_epoch) to the fitted values in the first run's args.yaml to resume it as fitted."
@@ -535,8 +536,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     t_start = time.perf_counter()
     num_updates = start_epoch * updates_per_epoch
     epoch = start_epoch
-    while epoch < num_epochs:  # budget_minutes can change num_epochs after the second epoch
-        t_epoch_wall = time.perf_counter()
+    while epoch < num_epochs:  # budget_minutes can change num_epochs as the run goes
         loader_train.set_epoch(epoch)
         torch.manual_seed(args.seed + args.rank + 7919 * epoch)  # dropout etc.: a resumed run repeats this epoch
         if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
@@ -624,15 +624,20 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
-        if epoch == fit_epoch:
-            elapsed, epoch_s = time.perf_counter() - t_start, time.perf_counter() - t_epoch_wall
-            fitted = min(_fit_to_budget(args, epoch + 1, elapsed, epoch_s), num_epochs)
+        # After each epoch from the second, the pace so far says how many epochs fit the budget (a VM's epochs
+        # varied by 15% within one run here, so one measurement is not enough). Refits stop before the last fifth
+        # and before crop/mixup switch off: late in a cosine a change of length would jolt the low lr.
+        switches = [args.crop_off_epoch or num_epochs, args.mixup_off_epoch or num_epochs]
+        if refit and epoch >= 1 and epoch + 1 < min(0.8 * num_epochs, *switches):
+            elapsed = time.perf_counter() - t_start
+            extra = num_epochs - args.epochs  # cooldown epochs the scheduler factory added
+            fitted = min(_fit_to_budget(args, epoch + 1, elapsed), planned['epochs'] + extra)
             if fitted != num_epochs:
-                old_epochs, extra = args.epochs, num_epochs - args.epochs  # extra: cooldown the factory added
+                before = num_epochs
                 args.epochs = max(fitted - extra, 1)
-                for key in ('crop_off_epoch', 'mixup_off_epoch'):
-                    if getattr(args, key):
-                        setattr(args, key, round(getattr(args, key) * args.epochs / old_epochs))
+                for key in ('crop_off_epoch', 'mixup_off_epoch'):  # from the recipe's values: no compound rounding
+                    if planned[key]:
+                        setattr(args, key, round(planned[key] * args.epochs / planned['epochs']))
                 lr_scheduler, num_epochs = create_scheduler_v2(
                     optimizer,
                     **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
@@ -643,8 +648,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 if primary:
                     (output_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), default_flow_style=False))
                     _logger.info(
-                        f'budget_minutes {args.budget_minutes}: {epoch + 1} epochs took {elapsed:.0f} s, the last '
-                        f'{epoch_s:.1f} s: {num_epochs} epochs in all instead of {old_epochs + extra}'
+                        f'budget_minutes {args.budget_minutes}: {epoch + 1} epochs in {elapsed:.0f} s, '
+                        f'{num_epochs} epochs in all instead of {before}'
                         + (f' (crop_off_epoch {args.crop_off_epoch})' if args.crop_off_epoch else '')
                     )
         epoch += 1
