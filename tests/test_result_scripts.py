@@ -11,6 +11,7 @@ import timm
 import torch
 import yaml
 
+from timm_smallvit.hub import read_summary
 from timm_smallvit.launch import recipe_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -156,7 +157,10 @@ def test_distill_script_trains_a_cnn_teacher_then_a_student_from_its_folder(tmp_
     results = json.loads((out / 'results.json').read_text())
     assert [r['run'] for r in results['runs']] == ['teacher', 'student']
     table = (out / 'results.md').read_text()
-    assert all(f'{r["top1"]:.2f}' in table for r in results['runs'])
+    assert all(f'{r["top1"]:.2f} | {r["top1_single"]:.2f} |' in table for r in results['runs'])
+    # the teacher's recipe (fashion_mnist_28's) scores with the mirror, and keeps the single view apart
+    teacher_rows = {int(r['epoch']): r for r in read_summary(out / 'runs' / 'teacher' / 'summary.csv')}
+    assert results['runs'][0]['top1_single'] == teacher_rows[0]['eval_top1_single']
 
     # a finished teacher run can be reused, but not into the same --out: that would overwrite the exported teacher
     reuse = [*argv[:3], '--teacher-run', str(out / 'runs' / 'teacher'), *argv[5:]]
@@ -168,4 +172,5 @@ def test_distill_script_trains_a_cnn_teacher_then_a_student_from_its_folder(tmp_
     load_script('distill').main()
     reused = json.loads((out2 / 'results.json').read_text())['runs']
     assert reused[0]['top1'] == results['runs'][0]['top1'] and reused[0]['wall_time'] is None  # from summary.csv
+    assert reused[0]['top1_single'] == results['runs'][0]['top1_single']
     assert (out2 / 'teacher' / 'model.safetensors').read_bytes() == (folder / 'model.safetensors').read_bytes()

@@ -225,7 +225,7 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
     if budget and args.sched == 'plateau':
         raise ValueError('budget_minutes needs a schedule of known length; the plateau schedule has none.')
     if not isinstance(args.eval_hflip, bool):
-        raise ValueError(f'eval_hflip {args.eval_hflip!r}: true or false.')
+        raise ValueError(f'eval_hflip {args.eval_hflip!r}: true or false (True or False with --set).')
     if isinstance(args.crop_off_epoch, bool) or not isinstance(args.crop_off_epoch, int) or args.crop_off_epoch < 0:
         raise ValueError(f'crop_off_epoch {args.crop_off_epoch!r}: an epoch number (0-based), or 0 to crop to the end.')
     # e.g. a recipe's epochs shortened with --set: say so rather than crop to the end silently
