@@ -70,7 +70,8 @@ def test_cli_train_refuses_unknown_keys_without_a_traceback(tmp_path, fmnist_src
 
 def test_torchrun_two_cpu_processes_match_one_process(tmp_path, fmnist_src):
     """2 processes x batch 32 (gloo, DDP) take the same steps as 1 process x batch 64."""
-    recipe = _write_recipe(tmp_path, batch_size=32)
+    # with a budget that all 3 epochs fit: the processes agree on the fitted length (a broadcast) after epoch 1
+    recipe = _write_recipe(tmp_path, batch_size=32, epochs=3, budget_minutes=600)
     env = dict(os.environ, OMP_NUM_THREADS='1')
     command = [
         sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2',
