@@ -179,8 +179,8 @@ TRAIN_PY_WITHOUT: dict[str, str] = {
     'eval_hflip': 'it evaluates one view of each image',
     'budget_minutes': "it trains the recipe's epochs, however long they take",
 }
-# The fitted schedule assumes each epoch takes this much longer than the measured one: a VM's speed drifts by a few
-# percent within a run (41-46 s epochs in one 28 px run here).
+# The fitted schedule assumes each epoch takes this much longer than the mean so far: a VM's pace drifts within a
+# run (37-52 s epochs in one 28 px run here), and the epochs after the last refit are not measured.
 _BUDGET_MARGIN = 1.03
 
 
@@ -336,10 +336,27 @@ def _evaluate(task, model: torch.nn.Module, loader: BatchLoader, args, device, a
     return metrics
 
 
+def _create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
+    """timm's scheduler for ``args`` and the number of epochs it runs (cooldown included)."""
+    return create_scheduler_v2(
+        optimizer,
+        **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
+        updates_per_epoch=updates_per_epoch,
+    )
+
+
+def _set_epochs(args: argparse.Namespace, planned: dict[str, int], epochs: int) -> None:
+    """Give ``args`` a schedule of ``epochs``, with the recipe's (``planned``) epoch switches scaled to it."""
+    args.epochs = epochs
+    for key in ('crop_off_epoch', 'mixup_off_epoch'):  # from the recipe's values: no compound rounding
+        if planned[key]:
+            setattr(args, key, round(planned[key] * epochs / planned['epochs']))
+
+
 def _fit_to_budget(args: argparse.Namespace, epochs_done: int, elapsed_s: float) -> int:
     """The schedule's length in epochs that ends within ``args.budget_minutes``, at the pace of the epochs so far."""
     left = args.budget_minutes * 60 - elapsed_s
-    # the mean epoch so far, not the last one: one epoch's time moved by 12% from the one before here
+    # the mean epoch so far, not the last one: in one run here the second epoch took 55 s, the ones after 47 s
     fitted = epochs_done + max(0, math.floor(left / (elapsed_s / epochs_done * _BUDGET_MARGIN)))
     if args.distributed:  # every process must run the same schedule: the primary's measurement decides
         fitted_t = torch.tensor([fitted], dtype=torch.int64, device=args.device)
@@ -494,11 +511,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None)
 
     updates_per_epoch = len(loader_train)
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer,
-        **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
-        updates_per_epoch=updates_per_epoch,
-    )
+    lr_scheduler, num_epochs = _create_scheduler(args, optimizer, updates_per_epoch)
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
     refit = bool(args.budget_minutes) and start_epoch == 0  # fit the schedule to budget_minutes as it goes
     planned = {k: getattr(args, k) for k in ('epochs', 'crop_off_epoch', 'mixup_off_epoch')}
@@ -624,9 +637,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
-        # After each epoch from the second, the pace so far says how many epochs fit the budget (a VM's epochs
-        # varied by 15% within one run here, so one measurement is not enough). Refits stop before the last fifth
-        # and before crop/mixup switch off: late in a cosine a change of length would jolt the low lr.
+        # After each epoch from the second, the pace so far says how many epochs fit the budget. Refits stop before
+        # the last fifth and before crop/mixup switch off: late in a cosine a change of length would jolt the low lr.
         switches = [args.crop_off_epoch or num_epochs, args.mixup_off_epoch or num_epochs]
         if refit and epoch >= 1 and epoch + 1 < min(0.8 * num_epochs, *switches):
             elapsed = time.perf_counter() - t_start
@@ -634,15 +646,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             fitted = min(_fit_to_budget(args, epoch + 1, elapsed), planned['epochs'] + extra)
             if fitted != num_epochs:
                 before = num_epochs
-                args.epochs = max(fitted - extra, 1)
-                for key in ('crop_off_epoch', 'mixup_off_epoch'):  # from the recipe's values: no compound rounding
-                    if planned[key]:
-                        setattr(args, key, round(planned[key] * args.epochs / planned['epochs']))
-                lr_scheduler, num_epochs = create_scheduler_v2(
-                    optimizer,
-                    **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
-                    updates_per_epoch=updates_per_epoch,
-                )  # the optimizer keeps its initial_lr, so the new schedule starts from the same base
+                _set_epochs(args, planned, max(fitted - extra, 1))
+                # the optimizer keeps its initial_lr, so the new schedule starts from the same base
+                lr_scheduler, num_epochs = _create_scheduler(args, optimizer, updates_per_epoch)
                 lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
                 lr_scheduler.step_update(num_updates=num_updates)
                 if primary:
