@@ -129,7 +129,9 @@ def test_card_parses_and_carries_the_measured_results(run, exported):
     # architecture table, recipe, and every epoch of summary.csv
     for fragment in (
         '| Parameters | 303,498 |',
-        '| GMACs | 0.0167 (one 1×28×28 image) |',
+        # patch embed 49*16*64, five blocks of 50*12*64^2 + 2*50^2*64, the last block for the class token alone
+        # (keys and values of 50 tokens, then one token: 50*2*64^2 + 10*64^2 + 2*50*64), head 64*10
+        '| GMACs | 0.0144 (one 1×28×28 image) |',
         '| Patch size | 4×4 (49 patches) |',
         '| Width | 64 |',
         '| Depth | 6 |',

@@ -271,3 +271,56 @@ def test_mean_pooling_reads_patch_tokens_only():
 def test_direct_construction_matches_registry():
     model = SmallViT()
     assert sum(p.numel() for p in model.parameters()) == 6_457_866
+
+
+def _last_block_token_counts(model: torch.nn.Module, x: torch.Tensor) -> dict[str, int]:
+    """Tokens each part of the last block computes in ``model(x)``, read from forward hooks."""
+    seen = {}
+    last = model.blocks[-1]
+    hooks = [
+        last.get_submodule(name).register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, o.shape[1]))
+        for name in ('norm1', 'attn.proj', 'mlp')
+    ]
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+@pytest.mark.parametrize(('qkv_bias', 'grad_checkpointing'), [(False, False), (True, False), (False, True)])
+def test_trimmed_last_block_gives_timm_vit_logits_and_gradients(qkv_bias, grad_checkpointing):
+    """With class-token pooling forward() runs the last block for the class token alone: timm's full ViT is the
+    oracle for the logits and for every parameter's gradient (the q rows and the k/v rows of the last qkv apart)."""
+    kwargs = dict(img_size=28, patch_size=4, embed_dim=64, depth=3, num_heads=4, qkv_bias=qkv_bias)
+    ours = _randomize_(SmallViT(**kwargs)).train()  # no dropout: both models compute the same function in training
+    vit = to_vision_transformer(ours).train()
+    ours.set_grad_checkpointing(grad_checkpointing)
+    x = torch.randn(5, 1, 28, 28)
+    assert _last_block_token_counts(ours, x) == {'norm1': 50, 'attn.proj': 1, 'mlp': 1}  # keys and values for all 50
+
+    logits = ours(x)
+    expected = vit(x)
+    assert (logits - expected).abs().max() <= 1e-4
+    (logits * torch.arange(10)).sum().backward()
+    (expected * torch.arange(10)).sum().backward()
+    theirs = dict(vit.named_parameters())
+    for name, param in ours.named_parameters():
+        torch.testing.assert_close(param.grad, theirs[name].grad, atol=1e-4, rtol=1e-4, msg=name)
+    d = ours.embed_dim
+    assert ours.blocks[-1].attn.qkv.weight.grad[:d].abs().sum() > 0  # the q rows learn through the class query
+    assert ours.blocks[-1].attn.qkv.weight.grad[d:].abs().sum() > 0
+
+
+def test_full_last_block_where_every_token_counts():
+    x = torch.randn(2, 1, 28, 28)
+    trimmed = timm.create_model('smallvit_nano_patch4_28').eval()
+    full = timm.create_model('smallvit_nano_patch4_28', trim_last_block=False).eval()
+    full.load_state_dict(trimmed.state_dict())
+    with torch.no_grad():
+        assert _last_block_token_counts(full, x) == {'norm1': 50, 'attn.proj': 50, 'mlp': 50}
+        assert (full(x) - trimmed(x)).abs().max() <= ATOL
+        # mean pooling reads every patch token: nothing to trim
+        trimmed.reset_classifier(10, 'avg')
+        assert _last_block_token_counts(trimmed, x) == {'norm1': 50, 'attn.proj': 50, 'mlp': 50}
+        # forward_features keeps returning every token
+        assert trimmed.forward_features(x).shape == (2, 50, 64)
