@@ -233,6 +233,17 @@ def test_model_compiles_without_graph_breaks(model_name):
         torch.testing.assert_close(compiled(x), model(x))
 
 
+def test_seed_trains_compiled_in_one_graph():
+    """The seed's dropout in training: under torch.compile it is F.dropout (drawn inside inductor's kernels), where the
+    eager CPU mask's in-place random_ would break the graph at each of its seven dropouts."""
+    torch._dynamo.reset()
+    model = timm.create_model('smallvit').train()
+    compiled = torch.compile(model, backend='eager', fullgraph=True)
+    out = compiled(torch.randn(2, 1, 96, 96))
+    out.sum().backward()
+    assert out.shape == (2, 10) and model.blocks[0].mlp.fc1.weight.grad is not None
+
+
 def test_model_compiles_with_inductor():
     """One real (inductor) compile of a small variant, forward and backward, as `smallvit train --compile` uses."""
     torch._dynamo.reset()

@@ -174,7 +174,8 @@ def dropout(x: torch.Tensor, p: float, training: bool = True) -> torch.Tensor:
     """
     if not training or p == 0.0:
         return x
-    if x.device.type != 'cpu' or p >= 1.0:
+    if x.device.type != 'cpu' or p >= 1.0 or torch.compiler.is_compiling():
+        # under torch.compile inductor draws the mask inside its fused kernel; random_ would break the graph
         return F.dropout(x, p, training=True)
     n = x.numel()
     bits = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-9223372036854775807 - 1, None)  # all 64 bits
