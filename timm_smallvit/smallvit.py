@@ -370,7 +370,7 @@ class SmallViT(nn.Module):
                 None takes timm's global setting (fused unless TIMM_FUSED_ATTN=0).
             trim_last_block: With class-token pooling, ``forward`` runs the last block for the class token alone,
                 the only token the head reads: the same logits and gradients with less work (the seed's second
-                block costs about a sixth of the first). ``forward_features`` and ``forward_intermediates`` still
+                block costs about a fifth of the first). ``forward_features`` and ``forward_intermediates`` still
                 return every token; False also makes ``forward`` do so (for hooks on the last block).
             weight_init: '' for timm's ViT init, 'skip' to leave PyTorch's defaults.
             device: Device to create the parameters on, as timm's create_model(..., device=...) passes it.
