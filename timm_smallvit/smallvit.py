@@ -562,10 +562,9 @@ class SmallViT(nn.Module):
         intermediates = []
         take_indices, max_index = feature_take_indices(len(self.blocks), indices)
 
-        check_input(x, self.in_chans, self.patch_embed.img_size, self.patch_embed.strict_img_size)
+        tokens = self._embed(x)  # checks the input first
         B, _, height, width = x.shape
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)
+        x = tokens
         if torch.jit.is_scripting() or not stop_early:  # blocks can't be sliced in torchscript
             blocks = self.blocks
         else:
@@ -611,10 +610,14 @@ class SmallViT(nn.Module):
             self.reset_classifier(0, '')
         return take_indices
 
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images to the tokens the first block reads: patches, class token, position embedding."""
         check_input(x, self.in_chans, self.patch_embed.img_size, self.patch_embed.strict_img_size)
         x = self.patch_embed(x)  # (B, N, D), or (B, H', W', D) with dynamic_img_size
-        x = self._pos_embed(x)  # (B, 1 + N, D)
+        return self._pos_embed(x)  # (B, 1 + N, D)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._embed(x)
         if self.grad_checkpointing and not torch.jit.is_scripting():
             x = checkpoint_seq(self.blocks, x)
         else:
@@ -633,9 +636,7 @@ class SmallViT(nn.Module):
 
     def _forward_class_token(self, x: torch.Tensor) -> torch.Tensor:
         """``forward_features(x)[:, :1]``, with the last block computing the class token's output alone."""
-        check_input(x, self.in_chans, self.patch_embed.img_size, self.patch_embed.strict_img_size)
-        x = self.patch_embed(x)
-        x = self._pos_embed(x)  # (B, 1 + N, D)
+        x = self._embed(x)  # (B, 1 + N, D)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             if self.grad_checkpointing and not torch.jit.is_scripting():
