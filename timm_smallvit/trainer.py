@@ -315,6 +315,11 @@ def _all_finite(loss: torch.Tensor, args: argparse.Namespace) -> bool:
     return bool(finite.item())
 
 
+def _write_args(output_dir: Path, args: argparse.Namespace) -> None:
+    """args.yaml as train.py writes it: what the run is, for `smallvit export` and a resume (again after a refit)."""
+    (output_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), default_flow_style=False))
+
+
 def _evaluate(task, model: torch.nn.Module, loader: BatchLoader, args, device, amp_autocast) -> OrderedDict:
     evaluator = task.create_evaluator()
     single = task.create_evaluator() if args.eval_hflip else None
@@ -540,7 +545,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             max_history=args.checkpoint_hist,
             task=task,
         )
-        (output_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), default_flow_style=False))
+        _write_args(output_dir, args)
         _logger.info(f'Output to {output_dir}; {num_epochs} epochs of {updates_per_epoch} steps, lr {args.lr:.3g}')
 
     eval_metrics: dict[str, float] = {}
@@ -652,7 +657,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
                 lr_scheduler.step_update(num_updates=num_updates)
                 if primary:
-                    (output_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), default_flow_style=False))
+                    _write_args(output_dir, args)
                     _logger.info(
                         f'budget_minutes {args.budget_minutes}: {epoch + 1} epochs in {elapsed:.0f} s, '
                         f'{num_epochs} epochs in all instead of {before}'
