@@ -1,15 +1,17 @@
 """Small image datasets held in memory, with augmentation done on whole batches.
 
-Fashion-MNIST comes from the official release files, offline: torchvision's ``FashionMNIST(root, download=True)``
-verifies and unpacks them without a network when they already lie in ``<root>/FashionMNIST/raw/``, and
-:func:`prepare_fashion_mnist` puts them there (as links).
+Fashion-MNIST comes from the official release files, offline: :func:`prepare_fashion_mnist` checks them against
+their published MD5 sums every time they are read and unpacks copies into a torchvision root in the cache, keyed by
+those sums, where torchvision's ``FashionMNIST(root)`` reads them (and train.py, through ``smallvit train-py``).
 
 For 28-32 px images, per-image PIL transforms and worker processes cost more than the model; here the uint8 images
 stay in one tensor and each batch is cropped, flipped and erased as a whole (one ``grid_sample`` call), which is
 what :class:`BatchLoader` does for the quick trainer.
 """
 
+import gzip
 import hashlib
+import json
 import math
 import os
 import shutil
@@ -21,6 +23,7 @@ import torch.nn.functional as F
 from filelock import FileLock
 from timm.data.random_erasing import RandomErasing
 from torchvision.datasets import CIFAR10, FashionMNIST
+from torchvision.datasets.utils import calculate_md5, check_integrity
 
 __all__ = [
     'CIFAR10_CLASSES',
@@ -46,7 +49,9 @@ FASHION_MNIST_CLASSES = (
     'Ankle boot',
 )
 CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog', 'frog', 'horse', 'ship', 'truck')
-_RELEASE_FILES = tuple(name for name, _ in FashionMNIST.resources)
+_RELEASE_MD5 = dict(FashionMNIST.resources)  # the release files' published MD5 sums, as torchvision checks them
+_RELEASE_FILES = tuple(_RELEASE_MD5)
+_STAMP = '.smallvit-md5.json'  # in an unpacked root: the MD5 sums of the release files it was made from
 
 # dataset names as timm's train.py spells them (--dataset torch/fashion_mnist), and the classes of each
 DATASETS = {
@@ -60,54 +65,119 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get('SMALLVIT_CACHE', Path.home() / '.cache' / 'timm_smallvit'))
 
 
-def prepare_fashion_mnist(src: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
-    """Make ``root`` a torchvision dataset root for Fashion-MNIST from the release files in ``src``.
+def prepare_fashion_mnist(
+    src: str | os.PathLike, root: str | os.PathLike | None = None, download: bool = False
+) -> Path:
+    """Make ``root`` a torchvision dataset root for Fashion-MNIST from the release files in ``src``, verified.
+
+    The four release files are checked against their published MD5 sums (torchvision's) every time, so a damaged or
+    foreign file is refused by name. The root gets the verified files unpacked (what torchvision reads), and is
+    rebuilt whenever what it holds was not made from exactly these bytes; nothing tries the network.
 
     Args:
-        src: Folder holding the four ``*-ubyte.gz`` release files, or a dataset root already laid out as
+        src: Folder holding the four ``*-ubyte.gz`` release files, or a dataset root laid out as
             ``<src>/FashionMNIST/raw/`` (as train.py's ``--data-dir`` expects).
-        root: Dataset root to fill; default ``<cache>/fashion-mnist``.
+        root: Dataset root to fill; default ``<cache>/fashion-mnist/<key of the files' checksums>``.
+        download: When the release files are not in ``src``, let torchvision download them into it (train.py's
+            ``dataset_download``); never when they are there, however damaged.
 
     Returns:
-        The root, ready for ``FashionMNIST(root, download=True)`` (which then checks MD5 sums, no network).
+        The root, ready for ``FashionMNIST(root)`` (no download needed).
     """
     src = Path(src)
-    if all((src / 'FashionMNIST' / 'raw' / name).is_file() for name in _RELEASE_FILES):
-        return src
-    missing = [name for name in _RELEASE_FILES if not (src / name).is_file()]
-    if missing:
-        raise FileNotFoundError(
-            f'Fashion-MNIST release files missing from {src}: {", ".join(missing)}. '
-            f'Point the data directory at the folder holding the official *-ubyte.gz files.'
-        )
-    root = Path(root) if root is not None else default_cache_dir() / 'fashion-mnist'
-    raw = root / 'FashionMNIST' / 'raw'
-    raw.mkdir(parents=True, exist_ok=True)
-    for name in _RELEASE_FILES:
-        target = raw / name
-        if not target.exists():
-            try:
-                target.symlink_to((src / name).resolve())
-            except OSError:
-                shutil.copyfile(src / name, target)
+    folder = _release_folder(src)
+    if folder is None:
+        if not download:
+            raise FileNotFoundError(
+                f'Fashion-MNIST release files missing from {src}: expected {", ".join(_RELEASE_FILES)} there or in '
+                f'{src / "FashionMNIST" / "raw"}. Point data_dir at the folder holding the official *-ubyte.gz '
+                f'files, or set dataset_download: true to download them into it.'
+            )
+        FashionMNIST(src, download=True)  # torchvision's downloader, MD5-checked
+        folder = src / 'FashionMNIST' / 'raw'
+    digests = _verify_release(folder)
+    if root is None:
+        key = hashlib.sha256(''.join(digests[n] for n in _RELEASE_FILES).encode()).hexdigest()[:16]
+        root = default_cache_dir() / 'fashion-mnist' / key
+    root = Path(root)
+    with _unpack_lock(root):
+        _fill_root(folder, root, digests)
     return root
+
+
+def _release_folder(src: Path) -> Path | None:
+    for folder in (src, src / 'FashionMNIST' / 'raw'):
+        if all((folder / name).is_file() for name in _RELEASE_FILES):
+            return folder
+    return None
+
+
+def _verify_release(folder: Path) -> dict[str, str]:
+    """MD5 of each release file, checked against the published ones (a ValueError naming the first bad file)."""
+    digests = {}
+    for name, expected in _RELEASE_MD5.items():
+        digest = calculate_md5(str(folder / name))
+        if digest != expected:
+            raise ValueError(
+                f'{folder / name} is not the Fashion-MNIST release file: its MD5 is {digest}, the release has '
+                f'{expected}. The file is damaged or truncated; replace it with the official {name}.'
+            )
+        digests[name] = digest
+    return digests
+
+
+def _fill_root(folder: Path, root: Path, digests: dict[str, str]) -> None:
+    # The stamp names the bytes the root was made from; it is written last, so an interrupted fill is redone.
+    raw = root / 'FashionMNIST' / 'raw'
+    stamp = raw / _STAMP
+    want = json.dumps(digests, sort_keys=True)
+    unpacked = [raw / name[: -len('.gz')] for name in _RELEASE_FILES]
+    if stamp.is_file() and stamp.read_text() == want and all(p.is_file() and not p.is_symlink() for p in unpacked):
+        return
+    raw.mkdir(parents=True, exist_ok=True)
+    stamp.unlink(missing_ok=True)
+    for name, target in zip(_RELEASE_FILES, unpacked, strict=True):
+        for stale in (raw / name, target):  # links to other files (an older layout) or bytes of another source
+            if stale.is_symlink() or stale.exists():
+                stale.unlink()
+        _unpack(folder / name, target)
+    stamp.write_text(want)
+
+
+def _unpack(src: Path, dst: Path) -> None:
+    tmp = dst.with_name(f'.{dst.name}.{os.getpid()}.tmp')
+    try:
+        with gzip.open(src, 'rb') as fin, tmp.open('wb') as fout:
+            shutil.copyfileobj(fin, fout, 1 << 20)
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def load_fashion_mnist(
     src: str | os.PathLike,
     train: bool = True,
     root: str | os.PathLike | None = None,
+    download: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Images (N, 28, 28) uint8 and labels (N,) int64 of the train (60k) or test (10k) split."""
-    root = prepare_fashion_mnist(src, root)
-    with _unpack_lock(root):
-        dataset = FashionMNIST(root, train=train, download=True)
-    return dataset.data, dataset.targets
+    for attempt in range(2):
+        prepared = prepare_fashion_mnist(src, root, download=download)
+        with _unpack_lock(prepared):
+            try:
+                dataset = FashionMNIST(prepared, train=train)
+                return dataset.data, dataset.targets
+            except (AssertionError, RuntimeError, ValueError, OSError):
+                if attempt:
+                    raise
+                # unpacked files changed after they were made (torchvision checks their sizes): make them again
+                (prepared / 'FashionMNIST' / 'raw' / _STAMP).unlink(missing_ok=True)
+    raise AssertionError('unreachable')
 
 
 def _unpack_lock(root: Path) -> FileLock:
-    # torchvision unpacks on first use; processes started together (torchrun ranks, parallel runs) would read
-    # each other's half-written files. The lock lives in the cache, since the dataset folder may be read-only.
+    # Processes started together (torchrun ranks, parallel runs) would read each other's half-written files. The
+    # lock lives in the cache, since the dataset folder may be read-only.
     key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
     locks = default_cache_dir() / 'locks'
     locks.mkdir(parents=True, exist_ok=True)
@@ -123,16 +193,33 @@ def load_dataset(
         name: 'torch/fashion_mnist' or 'torch/cifar10'.
         data_dir: Fashion-MNIST: the release files or a torchvision root. CIFAR-10: a torchvision root.
         train: Train split, else the test split (train.py's 'validation' for torch/ datasets).
-        download: Let torchvision download CIFAR-10 if it is missing (Fashion-MNIST never downloads).
+        download: Let torchvision download the dataset when its files are absent (never over damaged files).
     """
     if name == 'torch/fashion_mnist':
-        images, labels = load_fashion_mnist(data_dir, train=train)
+        images, labels = load_fashion_mnist(data_dir, train=train, download=download)
         return images.unsqueeze(1), labels
     if name == 'torch/cifar10':
-        with _unpack_lock(Path(data_dir)):
-            dataset = CIFAR10(data_dir, train=train, download=download)
+        dataset = _load_cifar10(Path(data_dir), train, download)
         return torch.from_numpy(dataset.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(dataset.targets)
     raise ValueError(f'Unknown dataset {name!r}; the quick trainer reads {", ".join(DATASETS)}.')
+
+
+def _load_cifar10(root: Path, train: bool, download: bool) -> CIFAR10:
+    folder = root / CIFAR10.base_folder
+    files = CIFAR10.train_list + CIFAR10.test_list
+    with _unpack_lock(root):
+        if download and not folder.exists():
+            return CIFAR10(str(root), train=train, download=True)  # torchvision's downloader, MD5-checked
+        # torchvision checks every batch file's MD5 before it unpickles any (the batches are pickles)
+        bad = [name for name, md5 in files if not check_integrity(str(folder / name), md5)]
+        if bad:
+            state = 'missing' if not any((folder / name).exists() for name in bad) else 'damaged (MD5 mismatch)'
+            raise ValueError(
+                f'CIFAR-10 files {state} in {folder}: {", ".join(bad)}. Point data_dir at the folder holding '
+                f'{CIFAR10.base_folder}/ from the official cifar-10-python.tar.gz'
+                + (', or set dataset_download: true to download it there.' if not download else '.')
+            )
+        return CIFAR10(str(root), train=train)
 
 
 class BatchAugment:

@@ -15,6 +15,7 @@ torchrun on CPU (gloo) as well as GPUs (NCCL), a progress bar, a clear stop on a
 
 import argparse
 import contextlib
+import csv
 import logging
 import math
 import os
@@ -36,7 +37,14 @@ from timm.models import safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import ClassificationTask, LogitDistillationTask, load_task_ema_checkpoint, resume_task_checkpoint
-from timm.utils import CheckpointSaver, NativeScaler, init_distributed_device, is_primary, update_summary
+from timm.utils import (
+    CheckpointSaver,
+    NativeScaler,
+    init_distributed_device,
+    is_primary,
+    load_checkpoint_metadata,
+    update_summary,
+)
 from tqdm import tqdm
 
 from .data import DATASETS, BatchAugment, BatchLoader, load_dataset
@@ -191,8 +199,16 @@ class NonFiniteLossError(FloatingPointError):
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML recipe (train.py's --config format: a mapping of train.py argument names to values)."""
     path = Path(path)
-    with path.open() as f:
-        recipe = yaml.safe_load(f) or {}
+    try:
+        with path.open() as f:
+            recipe = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise ValueError(
+            f'{path} is not valid YAML{where}: {problem}. A recipe is a mapping of `key: value` lines.'
+        ) from None
     if not isinstance(recipe, dict):
         raise ValueError(f'{path}: a recipe is a YAML mapping of train.py argument names, got {type(recipe).__name__}.')
     return recipe
@@ -224,6 +240,7 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
         raise ValueError(f'budget_minutes {budget!r}: minutes of training to fit the schedule to, or 0 for none.')
     if budget and args.sched == 'plateau':
         raise ValueError('budget_minutes needs a schedule of known length; the plateau schedule has none.')
+    _check_counts(args)
     if not isinstance(args.eval_hflip, bool):
         raise ValueError(f'eval_hflip {args.eval_hflip!r}: true or false (True or False with --set).')
     if isinstance(args.crop_off_epoch, bool) or not isinstance(args.crop_off_epoch, int) or args.crop_off_epoch < 0:
@@ -248,6 +265,33 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
             )
         args.device = 'cpu'  # train.py's default device; here it means cuda when there is one
     return args
+
+
+# (key, smallest value, may be None): integer recipe keys whose bad values would fail deep inside training
+_COUNT_KEYS = (
+    ('epochs', 1, False),
+    ('batch_size', 1, False),
+    ('validation_batch_size', 1, True),
+    ('train_num_samples', 1, True),
+    ('val_num_samples', 1, True),
+    ('num_classes', 1, True),
+    ('log_interval', 1, False),
+    ('checkpoint_hist', 1, False),
+    ('start_epoch', 0, True),
+    ('seed', 0, False),
+)
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for key, low, optional in _COUNT_KEYS:
+        value = getattr(args, key)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            unset = ', or leave it unset' if optional else ''
+            raise ValueError(f'{key} {value!r}: expected a whole number of at least {low}{unset}.')
+    if not isinstance(args.warmup_epochs, int) or isinstance(args.warmup_epochs, bool) or args.warmup_epochs < 0:
+        raise ValueError(f'warmup_epochs {args.warmup_epochs!r}: expected a whole number of at least 0.')
 
 
 def cpu_has_native_bf16() -> bool:
@@ -296,16 +340,132 @@ def _resolve_lr(args: argparse.Namespace) -> None:
     args.lr = args.lr_base * batch_ratio
 
 
+# Keys a resumed run honours when they differ from the checkpoint's: where and how long it runs, the schedule (rebuilt
+# from them), evaluation, speed. Any other change would be recorded in args.yaml and the checkpoints without being
+# run (the model, data and seed are the checkpoint's), so it is refused.
+_RESUME_MAY_CHANGE = frozenset(
+    {
+        'resume', 'data_dir', 'dataset_download', 'output', 'experiment', 'device', 'log_interval', 'checkpoint_hist',
+        'epochs', 'start_epoch', 'crop_off_epoch', 'mixup_off_epoch', 'no_resume_opt', 'validation_batch_size',
+        'eval_hflip', 'torchcompile', 'torchcompile_mode', 'grad_checkpointing', 'channels_last', 'clip_grad',
+        'clip_mode', 'sched', 'sched_on_updates', 'warmup_epochs', 'warmup_lr', 'warmup_prefix', 'min_lr',
+        'cooldown_epochs', 'decay_epochs', 'decay_milestones', 'decay_rate', 'patience_epochs', 'lr_cycle_mul',
+        'lr_cycle_decay', 'lr_cycle_limit', 'lr_k_decay',
+    }
+)  # fmt: skip
+# Honoured on resume only with no_resume_opt: otherwise the restored optimizer state brings its own values.
+_OPTIMIZER_KEYS = frozenset(
+    {'opt', 'opt_eps', 'opt_betas', 'opt_kwargs', 'momentum', 'weight_decay', 'layer_decay', 'lr', 'lr_base',
+     'lr_base_size', 'lr_base_scale'}
+)  # fmt: skip
+_RUN_FILES = ('summary.csv', '*.pth.tar')  # what makes a folder hold a run (args.yaml alone: it died before epoch 1)
+
+
+def _read_resume(args: argparse.Namespace) -> dict[str, Any]:
+    """The resume checkpoint's metadata, checked against ``args`` before anything is built or written."""
+    path = Path(args.resume)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f'resume {path}: no such checkpoint. Give the last.pth.tar (or a checkpoint-N.pth.tar) of the run to '
+            'continue.'
+        )
+    try:
+        ckpt = load_checkpoint_metadata(str(path))
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on damaged or foreign files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f'resume {path}: not a readable training checkpoint ({first}). Is it truncated? Resume from another '
+            'checkpoint of the run (checkpoint-N.pth.tar).'
+        ) from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict'), dict) or 'epoch' not in ckpt:
+        raise ValueError(
+            f'resume {path}: not a timm training checkpoint (no state_dict and epoch). To start from weights alone, '
+            f'use initial_checkpoint: {path}.'
+        )
+    saved = ckpt.get('args')
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved or {})
+    known = set(TRAIN_PY_DEFAULTS) | set(QUICK_TRAINER_KEYS)
+    may_change = _RESUME_MAY_CHANGE | (_OPTIMIZER_KEYS if args.no_resume_opt else set())
+    for key in sorted(known & set(saved) - may_change):
+        if _same(saved[key], getattr(args, key)):
+            continue
+        why = (
+            'the optimizer state it restores keeps its own; add no_resume_opt: true to start the optimizer afresh'
+            if key in _OPTIMIZER_KEYS
+            else "a resumed run continues the checkpoint's model, data and seed"
+        )
+        raise ValueError(
+            f"resume {path}: {key} {getattr(args, key)!r} differs from the checkpoint's {saved[key]!r}, which a "
+            f'resumed run cannot honour ({why}). Resume with {key}: {saved[key]!r}, or start a new run from its '
+            f'weights with initial_checkpoint: {path}.'
+        )
+    return ckpt
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+def _holds_run(folder: Path) -> bool:
+    return folder.is_dir() and any(next(folder.glob(pattern), None) for pattern in _RUN_FILES)
+
+
 def _output_dir(args: argparse.Namespace, img_size: int) -> Path:
+    """The run folder (not created yet): a new one, or the resumed run's own; never another run's."""
+    if args.resume and not args.experiment:
+        return Path(args.resume).parent  # continue the run in its folder
     name = args.experiment or '-'.join([time.strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(img_size)])
     out = Path(args.output or './output/train') / name
-    if out.exists() and any(out.iterdir()) and not args.resume:
+    if not _holds_run(out):
+        return out
+    if not args.resume:
+        last = out / 'last.pth.tar'
         raise FileExistsError(
-            f'{out} already holds a run. Choose another experiment name, or resume it with resume: '
-            f'{out / "last.pth.tar"}.'
+            f'{out} already holds a run. Choose another experiment name'
+            + (f', or resume it with resume: {last}.' if last.is_file() else '.')
         )
-    out.mkdir(parents=True, exist_ok=True)
+    if out.resolve() != Path(args.resume).resolve().parent:
+        raise FileExistsError(
+            f'{out} holds another run: resuming {args.resume} there would overwrite its checkpoints and summary. '
+            f'Leave experiment unset to continue in {Path(args.resume).parent}, or choose a new experiment name.'
+        )
     return out
+
+
+def _continue_in_place(out: Path, saver: CheckpointSaver, resume: Path, start_epoch: int) -> None:
+    """Resuming into the run's own folder: keep its best checkpoint and history, one summary row per epoch."""
+    later = [p.name for p in out.glob('checkpoint-*.pth.tar') if _epoch_of(p) >= start_epoch]
+    best = out / 'model_best.pth.tar'
+    best_meta = load_checkpoint_metadata(str(best)) if best.is_file() else None
+    if best_meta is not None and best_meta.get('epoch', -1) >= start_epoch:
+        later.append(best.name)
+    if later:
+        raise FileExistsError(
+            f'resume {resume}: {out} already holds epochs from {start_epoch} on ({", ".join(sorted(later))}), which '
+            f'resuming from epoch {start_epoch - 1} would overwrite. Resume from {out / "last.pth.tar"}, or into a new '
+            'experiment folder.'
+        )
+    saver.load_state_dict_from_checkpoint(str(resume))  # timm's own bookkeeping: top-k files and the best metric
+    if saver.best_metric is None and best_meta is not None:  # a checkpoint from before timm kept that state
+        saver.best_metric, saver.best_epoch = best_meta.get('metric'), best_meta.get('epoch')
+    summary = out / 'summary.csv'
+    if summary.is_file():
+        with summary.open(newline='') as f:
+            rows = list(csv.reader(f))
+        kept = [r for r in rows if not (r and r[0].isdigit() and int(r[0]) >= start_epoch)]
+        if len(kept) != len(rows):  # epochs logged after the checkpoint was written, run again now
+            _logger.info(f'summary.csv: dropping {len(rows) - len(kept)} row(s) of epochs that are run again')
+            with summary.open('w', newline='') as f:
+                csv.writer(f).writerows(kept)
+
+
+def _epoch_of(path: Path) -> int:
+    tail = path.name[len('checkpoint-') : -len('.pth.tar')]
+    return int(tail) if tail.isdigit() else -1
 
 
 def _all_finite(loss: torch.Tensor, args: argparse.Namespace) -> bool:
@@ -313,6 +473,25 @@ def _all_finite(loss: torch.Tensor, args: argparse.Namespace) -> bool:
     if args.distributed:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank stops together, none waits on a collective
     return bool(finite.item())
+
+
+def _non_finite_message(loss: torch.Tensor, epoch: int, step: int, output_dir: Path | None) -> str:
+    message = f'Loss is {loss.item()} at epoch {epoch} step {step}: training stopped. '
+    last = output_dir / 'last.pth.tar' if output_dir is not None else None
+    if last is not None and last.is_file():
+        return message + (
+            f'The last good checkpoint is {last}: resume from it with no_resume_opt: true and a lower lr (or with '
+            'clip_grad), or restart with a lower lr or more warmup_epochs.'
+        )
+    if output_dir is not None and not _holds_run(output_dir):
+        # nothing worth keeping (args.yaml only): the same command, with a lower lr, can start the run again
+        (output_dir / 'args.yaml').unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            output_dir.rmdir()
+    return message + (
+        'No checkpoint was written (nothing kept): run the same command again with a lower lr, more warmup_epochs '
+        'or clip_grad.'
+    )
 
 
 def _write_args(output_dir: Path, args: argparse.Namespace) -> None:
@@ -385,6 +564,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     amp_autocast = autocast_context(args, device)
     loss_scaler = NativeScaler() if args.amp and args.amp_dtype == 'float16' else None
     primary = is_primary(args)
+    _resolve_lr(args)  # before the resume check: a recipe's lr_base gives the lr the checkpoint recorded
+    resume_ckpt = _read_resume(args) if args.resume else None
 
     in_chans = args.in_chans if args.in_chans is not None else (args.input_size[0] if args.input_size else 3)
     model = timm.create_model(
@@ -401,6 +582,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         model.set_grad_checkpointing(True)
     data_config = resolve_data_config(vars(args), model=model, verbose=False)
     img_size = tuple(data_config['input_size'][1:])
+    output_dir = _output_dir(args, img_size[-1]) if primary else None  # refused now, before data or training
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -414,6 +596,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         train_x, train_y = train_x[: args.train_num_samples], train_y[: args.train_num_samples]
     if args.val_num_samples:
         eval_x, eval_y = eval_x[: args.val_num_samples], eval_y[: args.val_num_samples]
+    n_labels = int(max(train_y.max(), eval_y.max())) + 1
+    if n_labels > args.num_classes:
+        raise ValueError(
+            f'num_classes {args.num_classes}: {args.dataset} has labels 0-{n_labels - 1} ({n_labels} classes). '
+            f'Set num_classes: {n_labels}, or leave it unset.'
+        )
     if train_x.shape[1] != in_chans:
         raise ValueError(
             f'{args.dataset} images have {train_x.shape[1]} channel(s) but the model takes {in_chans}: '
@@ -493,17 +681,22 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     else:
         task = ClassificationTask(model, criterion=train_loss_fn, device=device, verbose=primary)
 
-    _resolve_lr(args)
     optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     resume_epoch = None
     if args.resume:
-        resume_epoch = resume_task_checkpoint(
-            task,
-            args.resume,
-            optimizer=None if args.no_resume_opt else optimizer,
-            loss_scaler=None if args.no_resume_opt else loss_scaler,
-            log_info=primary,
-        )
+        try:
+            resume_epoch = resume_task_checkpoint(
+                task,
+                args.resume,
+                optimizer=None if args.no_resume_opt else optimizer,
+                loss_scaler=None if args.no_resume_opt else loss_scaler,
+                log_info=primary,
+            )
+        except (RuntimeError, ValueError, KeyError) as e:  # weights of another shape, an optimizer of another kind
+            first = str(e).strip().splitlines()[0]
+            raise ValueError(
+                f'resume {args.resume}: its state does not fit {args.model} as configured ({first}).'
+            ) from e
     if args.model_ema:
         task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup)
         if args.resume:
@@ -518,6 +711,11 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     updates_per_epoch = len(loader_train)
     lr_scheduler, num_epochs = _create_scheduler(args, optimizer, updates_per_epoch)
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
+    if resume_ckpt is not None and start_epoch >= num_epochs:
+        raise ValueError(
+            f'resume {args.resume}: the checkpoint ends epoch {start_epoch - 1}, and epochs is {args.epochs}: nothing '
+            f'is left to train. Raise epochs to continue the run.'
+        )
     refit = bool(args.budget_minutes) and start_epoch == 0  # fit the schedule to budget_minutes as it goes
     planned = {k: getattr(args, k) for k in ('epochs', 'crop_off_epoch', 'mixup_off_epoch')}
     if args.budget_minutes and not refit and primary:
@@ -531,9 +729,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         else:
             lr_scheduler.step(start_epoch)
 
-    output_dir = saver = None
+    saver = None
     if primary:
-        output_dir = _output_dir(args, img_size[-1])
+        output_dir.mkdir(parents=True, exist_ok=True)
         saver = CheckpointSaver(
             model=task.get_trainable_module(),
             optimizer=optimizer,
@@ -545,6 +743,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             max_history=args.checkpoint_hist,
             task=task,
         )
+        if args.resume and output_dir.resolve() == Path(args.resume).resolve().parent:
+            _continue_in_place(output_dir, saver, Path(args.resume), start_epoch)
         _write_args(output_dir, args)
         _logger.info(f'Output to {output_dir}; {num_epochs} epochs of {updates_per_epoch} steps, lr {args.lr:.3g}')
 
@@ -580,12 +780,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             with amp_autocast():
                 loss = task(x, y)['loss']
             if not _all_finite(loss, args):
-                last = output_dir / 'last.pth.tar' if output_dir else None
-                raise NonFiniteLossError(
-                    f'Loss is {loss.item()} at epoch {epoch} step {step}: training stopped. '
-                    + (f'The last good checkpoint is {last}. ' if last and last.exists() else 'No checkpoint yet. ')
-                    + 'Lower lr, add warmup_epochs or clip_grad, and resume or restart.'
-                )
+                raise NonFiniteLossError(_non_finite_message(loss, epoch, step, output_dir))
             if loss_scaler is not None:
                 loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode)
             else:
