@@ -4,15 +4,20 @@ import argparse
 import builtins
 import csv
 import json
+import os
 import re
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import safetensors.torch
 import timm
 import torch
-from huggingface_hub import ModelCard
+from huggingface_hub import ModelCard, metadata_load
 
 import timm_smallvit
 from tests.hub_server import make_training_run
@@ -284,6 +289,16 @@ def _bad_checkpoint(kind: str, run: Path, tmp_path: Path) -> Path:
         torch.save({**ckpt, 'args': args}, path)
     elif kind == 'no_ema':
         torch.save({k: v for k, v in ckpt.items() if k != 'state_dict_ema'}, path)
+    elif kind == 'nan_weights':
+        state_dict = dict(ckpt['state_dict'])
+        state_dict['blocks.2.attn.qkv.weight'] = state_dict['blocks.2.attn.qkv.weight'].clone()
+        state_dict['blocks.2.attn.qkv.weight'][0, 0] = float('nan')
+        state_dict['head.bias'] = torch.full_like(state_dict['head.bias'], float('inf'))
+        torch.save({**ckpt, 'state_dict': state_dict}, path)
+    elif kind == 'args_not_namespace':
+        torch.save({**ckpt, 'args': ['--model', MODEL]}, path)
+    elif kind == 'model_kwargs_string':
+        torch.save({**ckpt, 'args': argparse.Namespace(**{**vars(ckpt['args']), 'model_kwargs': 'img_size=28'})}, path)
     elif kind == 'missing':
         pass
     return path
@@ -299,6 +314,13 @@ BAD_CHECKPOINTS = {
     'img_size': (ValueError, r'do not fit smallvit_nano_patch4_28: shapes differ: pos_embed .* img_size'),
     'no_ema': (ValueError, r'has no EMA weights \(state_dict_ema\): train with --model-ema'),
     'missing': (FileNotFoundError, r'No checkpoint at'),
+    'nan_weights': (
+        ValueError,
+        r'nan_weights.pth.tar has non-finite weights \(NaN or inf\) in blocks.2.attn.qkv.weight, head.bias: '
+        r'the run diverged. Nothing was exported; export an earlier checkpoint',
+    ),
+    'args_not_namespace': (ValueError, r"'args' is a list, not train.py's argparse.Namespace of training args"),
+    'model_kwargs_string': (ValueError, r"the training arg model_kwargs is 'img_size=28', not a mapping"),
 }
 
 
@@ -307,9 +329,11 @@ def test_bad_checkpoint_is_a_clear_error_and_writes_nothing(kind, run, tmp_path)
     checkpoint = _bad_checkpoint(kind, run, tmp_path)
     before = snapshot(tmp_path)
     error, message = BAD_CHECKPOINTS[kind]
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as info:
         hub.export_checkpoint(checkpoint, tmp_path / 'out', use_ema=kind == 'no_ema')
+    assert '\n' not in str(info.value)
     assert snapshot(tmp_path) == before  # no OUT_DIR, no temporary folder, and the payload never ran
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == []
     assert not (tmp_path / 'marker').exists()
 
 
@@ -320,3 +344,101 @@ def test_cli_reports_bad_input_without_a_traceback(run, tmp_path, capsys):
     assert cli.main(['export', str(run / 'last.pth.tar'), str(out)]) == 1
     err = capsys.readouterr().err
     assert err.startswith('smallvit export: error: ') and 'is not empty' in err and 'Traceback' not in err
+
+
+def test_cli_refuses_nan_weights_in_one_line(run, tmp_path, capsys):
+    checkpoint = _bad_checkpoint('nan_weights', run, tmp_path)
+    assert cli.main(['export', str(checkpoint), str(tmp_path / 'out')]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('smallvit export: error: ') and err.count('\n') == 1 and 'Traceback' not in err
+    assert 'the run diverged' in err and 'bug' not in err
+    assert not (tmp_path / 'out').exists()
+
+
+# An export that stops in ModelCard.save (the last file written), after config.json and model.safetensors
+_STALLED_EXPORT = """
+import sys, time
+from pathlib import Path
+import torch
+from huggingface_hub import ModelCard
+from timm_smallvit import hub
+torch.set_num_threads(1)
+def stall(self, path):
+    Path(sys.argv[3]).write_text('stalled')
+    time.sleep(600)
+ModelCard.save = stall
+hub.export_checkpoint(sys.argv[1], sys.argv[2])
+"""
+
+
+def _temp_folders(parent: Path) -> list[str]:
+    return sorted(p.name for p in parent.iterdir() if '.export-' in p.name)
+
+
+@pytest.mark.parametrize('sig', [signal.SIGKILL, signal.SIGTERM], ids=['SIGKILL', 'SIGTERM'])
+def test_temp_folder_of_a_killed_export_goes_at_the_next_export(run, tmp_path, sig):
+    parent, marker = tmp_path / 'exports', tmp_path / 'stalled'
+    checkpoint = run / 'last.pth.tar'
+    proc = subprocess.Popen(
+        [sys.executable, '-c', _STALLED_EXPORT, str(checkpoint), str(parent / 'best'), str(marker)],
+        env={**os.environ, 'OMP_NUM_THREADS': '1', 'MKL_NUM_THREADS': '1'},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert marker.exists(), proc.communicate(timeout=5)[0].decode() if proc.poll() is not None else 'timed out'
+        proc.send_signal(sig)
+        proc.wait(timeout=30)  # reaped: its pid is gone
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    [left] = _temp_folders(parent)
+    assert left.startswith(f'.best.export-{proc.pid}-') and not (parent / 'best').exists()
+    assert {'config.json', 'model.safetensors'} <= {p.name for p in (parent / left).iterdir()}
+
+    # what the next export must leave alone: in use, not an export's content, a link, and a recent old-style folder
+    live = parent / f'.other.export-{os.getpid()}-abcd1234'
+    live.mkdir()
+    (live / 'config.json').write_text('{}')
+    dead = proc.pid  # exited and reaped
+    foreign = parent / f'.notes.export-{dead}-abcd1234'
+    foreign.mkdir()
+    (foreign / 'notes.txt').write_text('mine')
+    outside = tmp_path / 'outside'
+    outside.mkdir()
+    (outside / 'config.json').write_text('{}')
+    link = parent / f'.link.export-{dead}-abcd1234'
+    link.symlink_to(outside, target_is_directory=True)
+    recent = parent / '.best.export-abcd1234'
+    recent.mkdir()
+    # ... and an old-style folder (no pid in its name) of a day ago, which goes
+    old = parent / '.best.export-efgh5678'
+    old.mkdir()
+    (old / 'model.safetensors').write_bytes(b'x')
+    os.utime(old, (time.time() - 86400,) * 2)
+
+    out = hub.export_checkpoint(checkpoint, parent / 'best')
+    assert _temp_folders(parent) == sorted(p.name for p in (live, foreign, link, recent))
+    assert (outside / 'config.json').read_text() == '{}' and (foreign / 'notes.txt').read_text() == 'mine'
+    assert sorted(p.name for p in out.iterdir()) == sorted(hub.EXPORT_FILES)
+    expected = logits(reference_model(load_ckpt(checkpoint)['state_dict']))
+    assert torch.equal(logits(timm.create_model(f'local-dir:{out}', pretrained=True).eval()), expected)
+
+
+def test_card_says_which_images_were_evaluated(tmp_path):
+    run = make_training_run(tmp_path / 'run', epochs=1, model_ema=False, val_num_samples=512, train_num_samples=1024)
+    out = hub.export_checkpoint(run / 'last.pth.tar', tmp_path / 'out')
+    card = ModelCard.load(out / 'README.md')
+    splits = {r.dataset_split for r in card.data.eval_results}
+    assert splits == {'test[:512]'}  # the Hub's split syntax, not the whole test split
+    results = metadata_load(out / 'README.md')['model-index'][0]['results']
+    assert [r['dataset']['split'] for r in results] == ['test[:512]'] * len(results) and results
+    text = ' '.join(card.text.split())
+    assert 'evaluated on the first 512 images of the test split' in text
+    assert 'on the first 512 images of the test split, epoch 0:' in text
+    assert 'trained on the first 1,024 images of the training split' in text
+    assert '| evaluation images (first N) | 512 |' in card.text and '| training images (first N) | 1024 |' in card.text

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,8 @@ import safetensors.torch
 import timm
 import torch
 from huggingface_hub import HfApi, ModelCard, hf_hub_download, login
-from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError, RepositoryNotFoundError
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalTokenNotFoundError, RepositoryNotFoundError
 
 import timm_smallvit
 from tests.hub_server import HubServer, git_blob_oid, iter_files, make_training_run, use_hub
@@ -267,6 +269,15 @@ def _break(folder: Path, kind: str) -> None:
         weights.unlink()
     elif kind == 'no_config':
         config_path.unlink()
+    elif kind.startswith('model_args_'):
+        config['model_args'] = {'null': None, 'list': [10, 1], 'string': 'num_classes=10'}[kind[len('model_args_') :]]
+        config_path.write_text(json.dumps(config))
+    elif kind == 'pretrained_cfg_list':
+        config['pretrained_cfg'] = []
+        config_path.write_text(json.dumps(config))
+    elif kind == 'num_classes_string':
+        config['num_classes'] = '10'
+        config_path.write_text(json.dumps(config))
 
 
 BAD_FOLDERS = {
@@ -278,6 +289,11 @@ BAD_FOLDERS = {
     'other_variant': (ValueError, r'do not fit smallvit_tiny_patch4_28: shapes differ'),
     'no_weights': (FileNotFoundError, r'has no model.safetensors: give a folder written by `smallvit export`'),
     'no_config': (FileNotFoundError, r'has no config.json: give a folder written by `smallvit export`'),
+    'model_args_null': (ValueError, r'config.json has model_args: null, where timm expects a JSON object'),
+    'model_args_list': (ValueError, r'config.json has model_args: \[10, 1\], where timm expects a JSON object'),
+    'model_args_string': (ValueError, r'config.json has model_args: "num_classes=10", where timm expects a JSON'),
+    'pretrained_cfg_list': (ValueError, r'config.json has pretrained_cfg: \[\], where timm expects a JSON object'),
+    'num_classes_string': (ValueError, r'config.json has num_classes: "10", where an integer is expected'),
 }
 
 
@@ -287,9 +303,9 @@ def test_bad_export_folder_is_refused_before_any_request(kind, hub, env, exporte
     _break(folder, kind)
     before, sent = snapshot(folder), len(hub.requests)
     error, message = BAD_FOLDERS[kind]
-    with pytest.raises(error, match=message):
+    with pytest.raises(error, match=message) as info:
         timm_smallvit.push_to_hub(folder, f'alice/bad-{kind}')
-    assert len(hub.requests) == sent and snapshot(folder) == before
+    assert len(hub.requests) == sent and snapshot(folder) == before and '\n' not in str(info.value)
     with pytest.raises(error, match=message):
         timm_smallvit.create_model(f'local-dir:{folder}', pretrained=True)
 
@@ -303,6 +319,13 @@ def test_pull_helper_checks_hub_files_too(hub, env, exported, tmp_path):
     api.upload_folder(repo_id='alice/broken', folder_path=folder, allow_patterns=['*.json', '*.safetensors'])
     with pytest.raises(ValueError, match=r'hf-hub:alice/broken: model.safetensors is corrupt or truncated'):
         timm_smallvit.create_model('hf-hub:alice/broken', pretrained=True)
+
+    # model_args: null made timm fail with an AttributeError; the helper names the key
+    _break(folder := shutil.copytree(exported, tmp_path / 'null-args'), 'model_args_null')
+    api.create_repo('alice/null-args')
+    api.upload_folder(repo_id='alice/null-args', folder_path=folder, allow_patterns=['*.json', '*.safetensors'])
+    with pytest.raises(ValueError, match=r'hf-hub:alice/null-args: config.json has model_args: null'):
+        timm_smallvit.create_model('hf-hub:alice/null-args', pretrained=True)
 
 
 def test_token_is_never_printed_logged_or_written(hub, env, run, exported, tmp_path, capsys, caplog, monkeypatch):
@@ -339,3 +362,174 @@ def test_cli_push_honours_hf_endpoint_and_hf_token(hub, env, run, exported):
     assert downloaded.read_bytes() == (exported / 'config.json').read_bytes()
     # the cache keys blobs by the ETag the server sent: the git blob oid, as on the Hub
     assert downloaded.resolve().name == git_blob_oid(downloaded.read_bytes())
+
+
+# ---- what push may send: issue 21 ------------------------------------------------------------------------------------
+
+SECRET = b'hf_local_secret_never_to_be_uploaded_0123456789\n'  # stands in for a stored token file
+PNG = b'\x89PNG\r\n\x1a\n' + bytes(32)
+
+
+def _secret_file(tmp_path: Path) -> Path:
+    path = tmp_path / 'hf-home' / 'secret-token'
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(SECRET)
+    return path
+
+
+def _assert_never_sent(hub: HubServer, *contents: bytes) -> None:
+    for blob in hub.blobs.values():
+        assert not any(c in blob for c in contents)
+
+
+@pytest.mark.parametrize(
+    ('name', 'target'),
+    [
+        ('learning_curve.png', 'secret'),  # the issue: a link to the stored token went up as the curve
+        ('README.md', '/etc/hostname'),
+        ('config.json', 'copy'),  # a link to a good config elsewhere: still not read through
+        ('model.safetensors', 'copy'),
+        ('learning_curve.png', 'inside'),  # a link to another file of the folder: no links at all
+    ],
+)
+def test_symlinked_export_file_is_refused_before_any_request(hub, env, exported, tmp_path, name, target):
+    folder = shutil.copytree(exported, tmp_path / 'export')
+    if target == 'secret':
+        target_path = _secret_file(tmp_path)
+    elif target == 'copy':
+        target_path = Path(shutil.copyfile(folder / name, tmp_path / name))
+    elif target == 'inside':
+        target_path = Path(shutil.copyfile(folder / name, folder / 'curve-copy.png'))
+    else:
+        target_path = Path(target)
+    (folder / name).unlink()
+    (folder / name).symlink_to(target_path)
+    repo_id = f'alice/link-{name.split(".")[0].replace("_", "-")}-{target.strip("/").replace("/", "-")}'
+    sent = len(hub.requests)
+    with pytest.raises(ValueError, match=rf'{re.escape(str(folder / name))} is a symbolic link') as info:
+        timm_smallvit.push_to_hub(folder, repo_id)
+    assert '\n' not in str(info.value)
+    assert len(hub.requests) == sent and repo_id not in hub.repos  # nothing sent, no repo created
+    with pytest.raises(RepositoryNotFoundError):
+        hf_hub_download(repo_id, name)
+    if target == 'secret':
+        _assert_never_sent(hub, SECRET)
+    if name in ('config.json', 'model.safetensors'):
+        with pytest.raises(ValueError, match='is a symbolic link'):
+            timm_smallvit.create_model(f'local-dir:{folder}', pretrained=True)
+
+
+def test_secret_behind_a_link_never_reaches_an_existing_repo(hub, env, exported, tmp_path, capsys):
+    timm_smallvit.push_to_hub(exported, 'alice/m2')
+    head = hub.repos['alice/m2'].branches['main']
+    folder = shutil.copytree(exported, tmp_path / 'p')
+    (folder / 'learning_curve.png').unlink()
+    (folder / 'learning_curve.png').symlink_to(_secret_file(tmp_path))
+    assert cli.main(['push', str(folder), '--repo-id', 'alice/m2']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith('smallvit push: error: ') and err.count('\n') == 1 and 'Traceback' not in err
+    assert 'learning_curve.png is a symbolic link' in err
+    assert hub.repos['alice/m2'].branches['main'] == head
+    assert (
+        Path(hf_hub_download('alice/m2', 'learning_curve.png')).read_bytes()
+        == (exported / 'learning_curve.png').read_bytes()
+    )
+    _assert_never_sent(hub, SECRET)
+
+
+def test_hard_linked_secret_is_not_a_png(hub, env, exported, tmp_path):
+    # a hard link is a regular file: the curve is only sent when it is a PNG image
+    folder = shutil.copytree(exported, tmp_path / 'export')
+    (folder / 'learning_curve.png').unlink()
+    os.link(_secret_file(tmp_path), folder / 'learning_curve.png')
+    sent = len(hub.requests)
+    with pytest.raises(ValueError, match=r'learning_curve.png is not a PNG image'):
+        timm_smallvit.push_to_hub(folder, 'alice/hard-link')
+    assert len(hub.requests) == sent and 'alice/hard-link' not in hub.repos
+
+
+def test_links_and_files_outside_the_allow_list_are_not_uploaded(hub, env, exported, tmp_path, caplog):
+    folder = shutil.copytree(exported, tmp_path / 'export')
+    (folder / 'link.png').symlink_to('/etc/passwd')
+    (folder / 'token.png').symlink_to(_secret_file(tmp_path))
+    (folder / 'other.png').write_bytes((folder / 'learning_curve.png').read_bytes())
+    with caplog.at_level(logging.WARNING, logger='timm_smallvit.hub'):
+        timm_smallvit.push_to_hub(folder, 'alice/allow-list')
+    assert sorted(hub.files('alice/allow-list')) == UPLOADED
+    assert "Not uploading ['link.png', 'other.png', 'token.png']" in caplog.text
+    for name in ('link.png', 'token.png', 'other.png'):
+        with pytest.raises(EntryNotFoundError):
+            hf_hub_download('alice/allow-list', name)
+    _assert_never_sent(hub, SECRET, Path('/etc/passwd').read_bytes())
+
+
+def test_folder_behind_a_link_is_pushed_from_its_real_path(hub, env, exported, tmp_path):
+    link = tmp_path / 'latest'
+    link.symlink_to(exported, target_is_directory=True)
+    timm_smallvit.push_to_hub(link, 'alice/via-link')
+    assert sorted(hub.files('alice/via-link')) == UPLOADED
+    assert hub.file('alice/via-link', 'model.safetensors') == (exported / 'model.safetensors').read_bytes()
+
+
+@pytest.mark.parametrize('revision', [None, 'v2'])
+def test_repush_removes_what_the_folder_no_longer_has(hub, env, exported, tmp_path, revision):
+    repo_id = f'alice/stale-{revision or "main"}'
+    folder = shutil.copytree(exported, tmp_path / 'export')
+    timm_smallvit.push_to_hub(folder, repo_id, revision=revision)
+    branch = revision or 'main'
+    assert sorted(hub.files(repo_id, branch)) == UPLOADED
+    # what older pushes (any *.png) left, and files someone else put there
+    api = HfApi()
+    api.upload_file(path_or_fileobj=b'root:x:0:0', path_in_repo='link.png', repo_id=repo_id, revision=revision)
+    api.upload_file(path_or_fileobj=PNG, path_in_repo='figures/keep.png', repo_id=repo_id, revision=revision)
+    api.upload_file(path_or_fileobj=b'notes', path_in_repo='NOTES.txt', repo_id=repo_id, revision=revision)
+
+    (folder / 'learning_curve.png').unlink()
+    commit = timm_smallvit.push_to_hub(folder, repo_id, revision=revision)
+    expected = ['.gitattributes', 'NOTES.txt', 'README.md', 'config.json', 'figures/keep.png', 'model.safetensors']
+    assert sorted(s.rfilename for s in api.model_info(repo_id, revision=revision).siblings) == expected
+    assert hub.repos[repo_id].branches[branch] == commit.oid
+    for name in ('learning_curve.png', 'link.png'):
+        with pytest.raises(EntryNotFoundError):
+            hf_hub_download(repo_id, name, revision=revision)
+    # pushing the same folder again changes nothing
+    assert timm_smallvit.push_to_hub(folder, repo_id, revision=revision).oid == commit.oid
+
+
+@pytest.mark.parametrize(
+    ('front_matter', 'reason'),
+    [
+        ('license: [apache-2.0\nlibrary_name: timm', 'while parsing a flow sequence'),  # unclosed bracket
+        ('- a list\n- not a mapping', 'metadata block should be a dict'),
+        ('model-index:\n- name: x\n  results: 3', ''),
+    ],
+)
+def test_bad_card_metadata_is_refused_and_creates_no_repo(hub, env, exported, tmp_path, front_matter, reason):
+    folder = shutil.copytree(exported, tmp_path / 'export')
+    text = (folder / 'README.md').read_text()
+    body = text.split('\n---\n', 1)[1]
+    (folder / 'README.md').write_text(f'---\n{front_matter}\n---\n{body}')
+    sent = len(hub.requests)
+    with pytest.raises(
+        ValueError, match=r'README.md: the card metadata \(the YAML front matter .*\) is invalid'
+    ) as info:
+        timm_smallvit.push_to_hub(folder, 'alice/bad-yaml')
+    assert reason in str(info.value) and '\n' not in str(info.value)
+    assert len(hub.requests) == sent and 'alice/bad-yaml' not in hub.repos
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi().model_info('alice/bad-yaml')
+
+
+def test_closed_port_is_a_one_line_error_naming_the_endpoint(hub, env, exported, monkeypatch, capsys):
+    with socket.socket() as s:  # a port that was free a moment ago, with nothing listening now
+        s.bind(('127.0.0.1', 0))
+        closed = f'http://127.0.0.1:{s.getsockname()[1]}'
+    monkeypatch.setenv('HF_ENDPOINT', closed)
+    monkeypatch.setattr(hf_constants, 'ENDPOINT', closed)
+    with pytest.raises(ConnectionError, match=rf'Could not reach the Hub at {re.escape(closed)} .*HF_ENDPOINT'):
+        timm_smallvit.push_to_hub(exported, 'alice/closed-port')
+    assert cli.main(['push', str(exported), '--repo-id', 'alice/closed-port']) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f'smallvit push: error: Could not reach the Hub at {closed} ')
+    assert err.count('\n') == 1 and 'Traceback' not in err and 'check HF_ENDPOINT' in err
+    assert ALICE not in err and 'alice/closed-port' not in hub.repos

@@ -2,7 +2,8 @@
 
     export_checkpoint   timm training checkpoint (or .safetensors) -> a folder timm loads: model.safetensors,
                         config.json (timm's own save_for_hf), README.md (model card), learning_curve.png
-    push_to_hub         that folder -> a Hub repo, through huggingface_hub (create_repo, upload_folder)
+    push_to_hub         that folder -> a Hub repo, through huggingface_hub (create_repo, create_commit): those four
+                        files only, regular files only (never through a symbolic link), all checked first
     create_model        timm.create_model after the import that registers smallvit*, checking hf-hub: and
                         local-dir: files first so that bad exports fail with a message instead of odd timm errors
 
@@ -13,7 +14,9 @@ train.py stores under 'args', or with safetensors; nothing else is unpickled.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import importlib
 import json
 import logging
 import math
@@ -21,9 +24,11 @@ import os
 import pickle
 import re
 import shutil
+import stat
 import tempfile
+import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +36,18 @@ import safetensors.torch
 import timm
 import torch
 import torch.nn as nn
-from huggingface_hub import CommitInfo, EvalResult, HfApi, ModelCard, ModelCardData, get_token, hf_hub_download
+import yaml
+from huggingface_hub import (
+    CommitInfo,
+    CommitOperationAdd,
+    CommitOperationDelete,
+    EvalResult,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    get_token,
+    hf_hub_download,
+)
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from timm.models import clean_state_dict
@@ -49,6 +65,12 @@ CONFIG_NAME = 'config.json'
 CARD_NAME = 'README.md'
 CURVE_NAME = 'learning_curve.png'
 TEMPLATE_NAME = 'smallvit.md'
+# everything export writes, and everything push uploads
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, CURVE_NAME)
+PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
+# an export in progress (or killed) lives in .<out name>.export-<pid>-<random> beside the out folder
+_TMP_NAME = re.compile(r'\..+\.export-(?:(?P<pid>\d+)-[a-z0-9_]{8}|[a-z0-9_]{8})')
+_STALE_AFTER_S = 15 * 60  # a temp folder without a pid (older versions) is left alone for this long
 
 # normalized dataset name -> (Hub dataset id, display name, class names)
 _DATASETS: dict[str, tuple[str, str, tuple[str, ...] | None]] = {
@@ -77,6 +99,8 @@ _RECIPE_KEYS = (
     ('amp', 'mixed precision'),
     ('amp_dtype', 'AMP dtype'),
     ('seed', 'seed'),
+    ('train_num_samples', 'training images (first N)'),
+    ('val_num_samples', 'evaluation images (first N)'),
 )
 _DATA_KEYS = ('mean', 'std', 'interpolation', 'crop_pct', 'crop_mode', 'input_size', 'img_size', 'in_chans')
 _MODEL_REF = re.compile(r"""(['"])(?:hf-hub|local-dir):[^'"\n]*\1""")
@@ -101,7 +125,9 @@ def export_checkpoint(
     The model is rebuilt from the checkpoint's own training args (model, num_classes, in_chans, gp, model_kwargs),
     the weights are loaded strictly, and the folder gets model.safetensors, config.json (timm's save_for_hf), a
     README.md model card, and learning_curve.png when the run's summary.csv is there. Everything is written to a
-    temporary folder first and renamed into place at the end, so an interrupted export leaves nothing behind.
+    temporary folder first and renamed into place at the end, so an interrupted export leaves no half-written
+    out_dir; the temporary folder of a killed export is removed by the next export into the same parent folder.
+    Weights with NaN or inf are refused.
 
     Args:
         checkpoint: A timm training checkpoint (checkpoint-N.pth.tar, model_best.pth.tar, last.pth.tar) or a
@@ -122,6 +148,7 @@ def export_checkpoint(
     summary_path = Path(summary) if summary is not None else checkpoint.parent / 'summary.csv'
     _check_out_dir(out, overwrite, inputs=[checkpoint, summary_path])
     state_dict, info = _read_checkpoint(checkpoint, use_ema)
+    _check_finite(state_dict, checkpoint, use_ema)
     args = info['args']
     model, name = _rebuild(state_dict, args, model_name, model_kwargs, source=checkpoint)
     rows = read_summary(summary_path) if summary_path.is_file() else []
@@ -138,13 +165,15 @@ def export_checkpoint(
     data_config = {k: args[k] for k in _DATA_KEYS if args.get(k) not in (None, '', [])}
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.export-', dir=out.parent))
+    _remove_stale_exports(out.parent)
+    # the pid in the name tells a killed export's folder from one in progress
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.export-{os.getpid()}-', dir=out.parent))
     try:
         try:
             save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
         except ValueError as e:
             raise ValueError(f'The training args of {checkpoint} do not fit the model: {e}') from e
-        _check_reload(model, tmp)
+        _check_reload(model, tmp, checkpoint)
         if rows:
             _plot_learning_curve(rows, tmp / CURVE_NAME, title=name)
         card = _model_card(
@@ -182,6 +211,61 @@ def _check_out_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:
         for path in inputs:
             if path.exists() and out.resolve() in path.resolve().parents:
                 raise ValueError(f'{out} holds {path}, an input of this export: choose an OUT_DIR outside it.')
+
+
+def _remove_stale_exports(parent: Path) -> None:
+    """Remove the temporary folders that killed exports (SIGKILL, SIGTERM, power loss) left in parent."""
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        match = _TMP_NAME.fullmatch(entry.name)
+        if match is None or not _is_stale_export(entry, match['pid']):
+            continue
+        try:
+            shutil.rmtree(entry.path)
+        except OSError as e:  # another export removing it too, or not ours to remove
+            _logger.debug('Could not remove %s: %s', entry.path, e)
+        else:
+            _logger.info('Removed %s, left by an interrupted export.', entry.path)
+
+
+def _is_stale_export(entry: os.DirEntry, pid: str | None) -> bool:
+    # only a real folder (never a link) that holds nothing but regular files an export writes
+    try:
+        if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+            return False
+        with os.scandir(entry.path) as inside:
+            if any(f.name not in EXPORT_FILES or not f.is_file(follow_symlinks=False) for f in inside):
+                return False
+        if pid is None:  # written by an older version, without its pid
+            return time.time() - entry.stat(follow_symlinks=False).st_mtime > _STALE_AFTER_S
+    except OSError:
+        return False
+    return not _pid_alive(int(pid))
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != 'posix':  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+def _check_finite(state_dict: dict[str, torch.Tensor], checkpoint: Path, use_ema: bool) -> None:
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        which = 'EMA weights' if use_ema else 'weights'
+        raise ValueError(
+            f'{checkpoint} has non-finite {which} (NaN or inf) in {_head(bad, 3)}: the run diverged. Nothing was '
+            f'exported; export an earlier checkpoint (checkpoint-N.pth.tar from before the loss became NaN).'
+        )
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -242,7 +326,14 @@ def _read_checkpoint(path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor]
         raise ValueError(f'{path} has no state dict of tensors (keys: {_head(list(ckpt))}).')
     if key:
         args = ckpt.get('args')
-        info['args'] = vars(args) if isinstance(args, argparse.Namespace) else dict(args or {})
+        if isinstance(args, argparse.Namespace):
+            info['args'] = vars(args)
+        elif isinstance(args, Mapping) or args is None:
+            info['args'] = dict(args or {})
+        else:
+            raise ValueError(
+                f"{path}: 'args' is a {type(args).__name__}, not train.py's argparse.Namespace of training args."
+            )
         info['epoch'] = ckpt.get('epoch')
         info['metric'] = ckpt.get('metric')
     info['ema'] = use_ema
@@ -268,6 +359,10 @@ def _rebuild(
         raise ValueError(
             f'{source} is not a smallvit checkpoint: its weights have no patch_embed.proj / pos_embed '
             f'(first keys: {_head(list(state_dict))}).'
+        )
+    if not isinstance(args.get('model_kwargs') or {}, Mapping):
+        raise ValueError(
+            f'{source}: the training arg model_kwargs is {args["model_kwargs"]!r}, not a mapping of model arguments.'
         )
     kwargs = dict(args.get('model_kwargs') or {})
     kwargs.update(model_kwargs or {})
@@ -336,13 +431,19 @@ def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], what: st
     )
 
 
-def _check_reload(model: nn.Module, folder: Path) -> None:
+def _check_reload(model: nn.Module, folder: Path, source: Path) -> None:
     """Load the export back the way users will and demand the same logits, before it is moved into place."""
     reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     chans, (h, w) = model.in_chans, model.patch_embed.img_size
     x = torch.randn(2, chans, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        if not torch.equal(model(x), reloaded(x)):
+        expected = model(x)
+        if not bool(torch.isfinite(expected).all()):
+            raise ValueError(
+                f'{source}: the model gives NaN or inf logits on a random input, so its weights are unusable (did the '
+                f'run diverge?). Nothing was exported; export an earlier checkpoint.'
+            )
+        if not torch.equal(expected, reloaded(x)):
             raise RuntimeError(
                 f'The export in {folder} does not reproduce the checkpoint logits (a timm-smallvit bug).'
             )
@@ -410,7 +511,21 @@ def _model_card(
     h, w = model.patch_embed.img_size
     ph, pw = model.patch_embed.patch_size
 
-    final, notes = _final_result(rows, args, info)
+    split = 'test' if hub_dataset else str(args.get('val_split') or 'validation')
+    val_samples, train_samples = _num_samples(args, 'val_num_samples'), _num_samples(args, 'train_num_samples')
+    # the Hub's split syntax: the model-index names the images that were evaluated, not the whole split
+    evaluated = f'the first {val_samples:,} images of the {split} split' if val_samples else f'the {split} split'
+    final, notes = _final_result(rows, args, info, evaluated)
+    if val_samples:
+        notes.append(
+            f'The run was evaluated on {evaluated} only (val_num_samples {val_samples}), so every eval number here '
+            f'(and the model-index, split `{split}[:{val_samples}]`) is measured on those images, not the whole split.'
+        )
+    if train_samples:
+        notes.append(
+            f'It was trained on the first {train_samples:,} images of the training split only (train_num_samples '
+            f'{train_samples}).'
+        )
     eval_results = []
     if final is not None and final.get('describes_export'):
         common = dict(
@@ -418,7 +533,7 @@ def _model_card(
             task_name='Image Classification',
             dataset_type=hub_dataset or dataset_name or 'custom',
             dataset_name=dataset_name or 'custom',
-            dataset_split='test' if hub_dataset else str(args.get('val_split') or 'validation'),
+            dataset_split=f'{split}[:{val_samples}]' if val_samples else split,
         )
         if 'eval_top1' in final:
             eval_results.append(
@@ -503,7 +618,13 @@ def _single_view(row: dict[str, float]) -> dict[str, float]:
     return row
 
 
-def _final_result(rows: list[dict[str, float]], args: dict[str, Any], info: dict[str, Any]):
+def _num_samples(args: dict[str, Any], key: str) -> int | None:
+    """A training arg that limits a split to its first N images, when it is set."""
+    value = args.get(key)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
+def _final_result(rows: list[dict[str, float]], args: dict[str, Any], info: dict[str, Any], evaluated: str):
     """The summary row of the checkpoint's epoch, whether it measures the exported weights, and notes for the card."""
     notes: list[str] = []
     if not rows:
@@ -530,9 +651,7 @@ def _final_result(rows: list[dict[str, float]], args: dict[str, Any], info: dict
     describes_export = ema_logged == bool(info.get('ema'))
     final: dict[str, Any] = dict(row, describes_export=describes_export)
     which = 'EMA weights' if ema_logged else 'trained weights'
-    final['sentence'] = (
-        f'Measured during training (summary.csv, {which}) on the evaluation split, epoch {int(row["epoch"])}:'
-    )
+    final['sentence'] = f'Measured during training (summary.csv, {which}) on {evaluated}, epoch {int(row["epoch"])}:'
     if 'eval_top1_hflip' in row:
         notes.append(
             f'The numbers here are single-view. The run also evaluated each image with its mirror (eval_hflip: the '
@@ -660,8 +779,20 @@ def _check_files(config_path: Path, weights_path: Path, where: str) -> dict[str,
     if not isinstance(config, dict):
         raise ValueError(f'{where}: config.json is not a timm model config. Export the model again.')
     _check_architecture(config.get('architecture'), f'{where}: config.json describes architecture')
-    model_args = dict(config.get('model_args') or {})
+    # timm reads these with .get/.update: anything but a JSON object would end in an AttributeError there
+    for key in ('model_args', 'pretrained_cfg'):
+        if key in config and not isinstance(config[key], dict):
+            raise ValueError(
+                f'{where}: config.json has {key}: {json.dumps(config[key])}, where timm expects a JSON object '
+                f'({{...}}). Export the model again.'
+            )
+    model_args = dict(config.get('model_args', {}))
     num_classes = config.get('num_classes', model_args.get('num_classes'))
+    if num_classes is not None and (not isinstance(num_classes, int) or isinstance(num_classes, bool)):
+        raise ValueError(
+            f'{where}: config.json has num_classes: {json.dumps(num_classes)}, where an integer is expected. '
+            f'Export the model again.'
+        )
     if model_args.get('num_classes', num_classes) != num_classes:
         raise ValueError(
             f'{where}: num_classes mismatch in config.json: {num_classes} at the top, '
@@ -691,15 +822,40 @@ def _check_files(config_path: Path, weights_path: Path, where: str) -> dict[str,
 
 
 def _check_folder(folder: Path) -> dict[str, Any]:
+    real, _, _ = _export_files(folder)
+    return _check_files(real / CONFIG_NAME, real / WEIGHTS_NAME, str(folder))
+
+
+def _export_files(folder: Path) -> tuple[Path, list[str], list[str]]:
+    """The folder's real path, the export files it holds, and its other entries; refuses symbolic links.
+
+    The folder itself may be a link (resolved once); the files in it are taken only as regular files, so that
+    nothing outside the folder (a token file, /etc/passwd) is ever read or uploaded through a link.
+    """
     if not folder.is_dir():
         raise NotADirectoryError(f'{folder} is not a folder: give the OUT_DIR written by `smallvit export`.')
-    missing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if not (folder / n).is_file()]
+    real = folder.resolve()
+    names, others = [], []
+    with os.scandir(real) as entries:
+        for entry in sorted(entries, key=lambda e: e.name):
+            if entry.name not in EXPORT_FILES:
+                others.append(entry.name)
+            elif entry.is_symlink():
+                raise ValueError(
+                    f'{folder / entry.name} is a symbolic link: only regular files are read or pushed, never what a '
+                    f'link points to. Replace it with the file itself (or remove it).'
+                )
+            elif not entry.is_file(follow_symlinks=False):
+                raise ValueError(f'{folder / entry.name} is not a regular file: remove it, or export again.')
+            else:
+                names.append(entry.name)
+    missing = [n for n in (WEIGHTS_NAME, CONFIG_NAME) if n not in names]
     if missing:
         raise FileNotFoundError(
             f'{folder} has no {" or ".join(missing)}: give a folder written by `smallvit export` (timm loads '
             f'model.safetensors and config.json).'
         )
-    return _check_files(folder / CONFIG_NAME, folder / WEIGHTS_NAME, str(folder))
+    return real, names, others
 
 
 # ---- push ----------------------------------------------------------------------------------------------------------
@@ -716,7 +872,10 @@ def push_to_hub(
 ) -> CommitInfo:
     """Upload an exported folder to a Hub model repo (created if needed), as one commit.
 
-    Only model.safetensors, config.json, README.md and *.png are uploaded, never pickle files. The card's usage
+    Only the files export writes go up (model.safetensors, config.json, README.md, learning_curve.png), as regular
+    files: a symbolic link among them is refused, and nothing else in the folder is sent. Everything is checked
+    before the first change on the Hub (the files, the card's metadata, the token, that the endpoint answers), and
+    the commit removes the files an earlier push left on the branch that the folder no longer has. The card's usage
     snippet is rewritten to name ``repo_id`` (and the branch) in the uploaded copy; out_dir itself is not changed.
     The endpoint is huggingface_hub's (HF_ENDPOINT); the token is never written, printed or logged.
 
@@ -735,58 +894,127 @@ def push_to_hub(
     if repo_id.count('/') != 1:
         raise ValueError(f"repo_id {repo_id!r} must be 'user/name' or 'org/name' (the namespace names the owner).")
     validate_repo_id(repo_id)  # a ValueError that says which characters are allowed
-    config = _check_folder(folder)
-    token = token or get_token()
-    if not token:
-        raise LocalTokenNotFoundError(
-            'No Hugging Face token found: log in with `hf auth login` (stored by huggingface_hub) or set HF_TOKEN '
-            'to a token with write access, then push again.'
-        )
-    api = HfApi(token=token)  # endpoint: HF_ENDPOINT, else huggingface.co
     branch = revision if revision and revision != 'main' else None
-    message = commit_message or f'Upload {config["architecture"]} (timm-smallvit)'
-    with tempfile.TemporaryDirectory(prefix='smallvit-push-') as stage:
-        _stage_upload(folder, Path(stage), f'hf-hub:{repo_id}@{branch}' if branch else f'hf-hub:{repo_id}')
-        try:
+    with tempfile.TemporaryDirectory(prefix='smallvit-push-') as tmp:
+        # the staged copies are what is checked and what is sent
+        stage = Path(tmp)
+        names = _stage_upload(folder, stage, f'hf-hub:{repo_id}@{branch}' if branch else f'hf-hub:{repo_id}')
+        config = _check_files(stage / CONFIG_NAME, stage / WEIGHTS_NAME, str(folder))
+        token = token or get_token()
+        if not token:
+            raise LocalTokenNotFoundError(
+                'No Hugging Face token found: log in with `hf auth login` (stored by huggingface_hub) or set '
+                'HF_TOKEN to a token with write access, then push again.'
+            )
+        api = HfApi(token=token)  # endpoint: HF_ENDPOINT, else huggingface.co
+        message = commit_message or f'Upload {config["architecture"]} (timm-smallvit)'
+        with _hub_errors(api, repo_id):
+            api.whoami()  # the endpoint answers and takes the token before anything is created
             api.create_repo(repo_id, private=private, exist_ok=True)
-            if private and not api.model_info(repo_id).private:
+            info = api.model_info(repo_id)
+            if private and not info.private:
                 raise PermissionError(
                     f'{repo_id} already exists and is public: nothing was pushed. Make it private on the Hub first, '
                     f'or push without --private.'
                 )
             if branch:
                 api.create_branch(repo_id, branch=branch, exist_ok=True)
-            commit = api.upload_folder(repo_id=repo_id, folder_path=stage, revision=branch, commit_message=message)
-        except HfHubHTTPError as e:
-            status = e.response.status_code if e.response is not None else None
-            if status == 401:
-                raise PermissionError(
-                    f'{api.endpoint} rejected the token (401 Unauthorized) while pushing to {repo_id}: set HF_TOKEN '
-                    f'to a valid token with write access, or log in again with `hf auth login`.'
-                ) from e
-            if status == 403:
-                raise PermissionError(
-                    f'The token has no write access to {repo_id} on {api.endpoint} (403 Forbidden): push to a '
-                    f'namespace you own, or use a token with write access to it.'
-                ) from e
-            raise
+                info = api.model_info(repo_id, revision=branch)
+            remote = [sibling.rfilename for sibling in info.siblings or []]
+            stale = [path for path in remote if _pushed_before(path) and path not in names]
+            operations = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=stage / n) for n in names]
+            operations += [CommitOperationDelete(path_in_repo=n) for n in stale]
+            # parent_commit: the stale files were listed at this commit, so nobody else's may land in between
+            commit = api.create_commit(
+                repo_id, operations, commit_message=message, revision=branch, parent_commit=info.sha
+            )
     _logger.info('Pushed %s to %s', folder, commit.commit_url)
     return commit
 
 
-def _stage_upload(folder: Path, stage: Path, model_ref: str) -> None:
-    """Copy the allow-listed files; the card's snippet names the Hub repo instead of the local folder."""
-    skipped = []
-    for path in sorted(folder.iterdir()):
-        if path.name in (WEIGHTS_NAME, CONFIG_NAME) or (path.suffix == '.png' and path.is_file()):
-            shutil.copyfile(path, stage / path.name)
-        elif path.name == CARD_NAME:
+def _pushed_before(path: str) -> bool:
+    # what this or an older push (which sent any *.png) may have uploaded; files in subfolders are someone else's
+    return '/' not in path and (path in EXPORT_FILES or path.endswith('.png'))
+
+
+@contextlib.contextmanager
+def _hub_errors(api: HfApi, repo_id: str) -> Iterator[None]:
+    """Turn huggingface_hub's auth and connection errors into one-line PermissionError / ConnectionError messages."""
+    try:
+        yield
+    except HfHubHTTPError as e:
+        status = e.response.status_code if e.response is not None else None
+        if status == 401:
+            raise PermissionError(
+                f'{api.endpoint} rejected the token (401 Unauthorized) while pushing to {repo_id}: set HF_TOKEN '
+                f'to a valid token with write access, or log in again with `hf auth login`.'
+            ) from e
+        if status == 403:
+            raise PermissionError(
+                f'The token has no write access to {repo_id} on {api.endpoint} (403 Forbidden): push to a '
+                f'namespace you own, or use a token with write access to it.'
+            ) from e
+        raise
+    except _connection_errors() as e:
+        reason = ' '.join(str(e).split()) or type(e).__name__
+        raise ConnectionError(
+            f'Could not reach the Hub at {api.endpoint} ({reason}) while pushing to {repo_id}: check HF_ENDPOINT '
+            f'and the network connection, then push again.'
+        ) from e
+
+
+def _connection_errors() -> tuple[type[BaseException], ...]:
+    # huggingface_hub's HTTP client raises its own transport errors: httpx2 (2.x), httpx (1.x), requests (0.x)
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, name in (('httpx2', 'TransportError'), ('httpx', 'TransportError'), ('requests', 'RequestException')):
+        try:
+            errors.append(getattr(importlib.import_module(module), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(errors)
+
+
+def _stage_upload(folder: Path, stage: Path, model_ref: str) -> list[str]:
+    """Copy the export files into stage, as regular files only; the card's snippet names the Hub repo."""
+    real, names, others = _export_files(folder)
+    for name in names:
+        _copy_regular(real / name, stage / name, folder / name)
+    if CURVE_NAME in names and not (stage / CURVE_NAME).read_bytes().startswith(PNG_MAGIC):
+        raise ValueError(f'{folder / CURVE_NAME} is not a PNG image: remove it, or export again.')
+    if CARD_NAME in names:
+        path = stage / CARD_NAME
+        try:
             text = path.read_text(encoding='utf-8')
-            (stage / CARD_NAME).write_text(_MODEL_REF.sub(f"'{model_ref}'", text), encoding='utf-8')
-        else:
-            skipped.append(path.name)
-    if skipped:
-        _logger.warning('Not uploading %s: only model.safetensors, config.json, README.md and *.png go up.', skipped)
+        except UnicodeDecodeError as e:
+            raise ValueError(f'{folder / CARD_NAME} is not UTF-8 text ({e}): fix it, or export again.') from e
+        text = _MODEL_REF.sub(f"'{model_ref}'", text)
+        try:
+            ModelCard(text)  # the Hub's own parse of the metadata block
+        except (yaml.YAMLError, ValueError, TypeError, KeyError) as e:
+            reason = ' '.join(str(e).split())
+            raise ValueError(
+                f'{folder / CARD_NAME}: the card metadata (the YAML front matter between the --- lines) is invalid '
+                f'({reason}). Fix it, or export again; nothing was pushed.'
+            ) from e
+        path.write_text(text, encoding='utf-8')
+    if others:
+        _logger.warning('Not uploading %s: only %s go up.', others, ', '.join(EXPORT_FILES))
+    return names
+
+
+def _copy_regular(src: Path, dst: Path, shown: Path) -> None:
+    # O_NOFOLLOW + fstat: what is copied is the regular file that was checked, even if the name changed since
+    try:
+        fd = os.open(src, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))
+    except OSError as e:
+        if src.is_symlink():
+            raise ValueError(f'{shown} is a symbolic link: only regular files are pushed.') from e
+        raise
+    with os.fdopen(fd, 'rb') as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f'{shown} is not a regular file: remove it, or export again.')
+        with dst.open('wb') as out:
+            shutil.copyfileobj(f, out)
 
 
 # ---- pull ----------------------------------------------------------------------------------------------------------
