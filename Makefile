@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 DATA ?= ../shared/data/fashion-mnist
 DEMO_OUT ?= runs/demo
 
-.PHONY: venv demo test lint format clean
+.PHONY: venv demo test test-fast timm-tests lint format clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,14 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/python -m pytest -q
+
+# the suite without the tests marked slow, for quick iteration (make test, and so CI, runs everything)
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m 'not slow'
+
+# timm's own tests/test_models.py (from the sdist of the installed timm) on every smallvit model
+timm-tests: $(STAMP)
+	PYTHON=$(BIN)/python scripts/timm_test_models.sh
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

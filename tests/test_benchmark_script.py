@@ -113,8 +113,10 @@ def test_cpu_attention_flops_are_counted(bench):
     for name, attention_flops in (('smallvit', 4 * (5 * 50**2 + 50) * 192), ('timm ViT', 6 * 4 * 50**2 * 192)):
         model = models[name].model
         counted = bench.count_flops(model, (1, 28, 28), 10, 'infer')
+        x = torch.randn(1, 1, 28, 28)
         with FlopCounterMode(display=False) as plain, torch.no_grad():
-            model(torch.randn(1, 1, 28, 28))
+            # FlopCounterMode's module hooks make smallvit run its full last block: count the unobserved forward
+            model.forward_head(model._forward_class_token(x)) if name == 'smallvit' else model(x)
         assert counted - plain.get_total_flops() == attention_flops, name
 
 

@@ -11,6 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from tests.reference_d2l import ViT as D2LViT
 from timm_smallvit import SmallViT, convert_d2l_state_dict, to_vision_transformer
+from timm_smallvit.smallvit import Block
 
 ATOL = 1e-5
 
@@ -287,8 +288,21 @@ def _last_block_token_counts(model: torch.nn.Module, x: torch.Tensor) -> dict[st
     return seen
 
 
+def _prefix_calls(monkeypatch) -> list[int]:
+    """The token counts Block.forward_prefix (the trimmed last block) is called with, seen without a hook."""
+    calls: list[int] = []
+    real = Block.forward_prefix
+
+    def spy(self, x, num_tokens):
+        calls.append(num_tokens)
+        return real(self, x, num_tokens)
+
+    monkeypatch.setattr(Block, 'forward_prefix', spy)
+    return calls
+
+
 @pytest.mark.parametrize(('qkv_bias', 'grad_checkpointing'), [(False, False), (True, False), (False, True)])
-def test_trimmed_last_block_gives_timm_vit_logits_and_gradients(qkv_bias, grad_checkpointing):
+def test_trimmed_last_block_gives_timm_vit_logits_and_gradients(qkv_bias, grad_checkpointing, monkeypatch):
     """With class-token pooling forward() runs the last block for the class token alone: timm's full ViT is the
     oracle for the logits and for every parameter's gradient (the q rows and the k/v rows of the last qkv apart)."""
     kwargs = dict(img_size=28, patch_size=4, embed_dim=64, depth=3, num_heads=4, qkv_bias=qkv_bias)
@@ -296,9 +310,9 @@ def test_trimmed_last_block_gives_timm_vit_logits_and_gradients(qkv_bias, grad_c
     vit = to_vision_transformer(ours).train()
     ours.set_grad_checkpointing(grad_checkpointing)
     x = torch.randn(5, 1, 28, 28)
-    assert _last_block_token_counts(ours, x) == {'norm1': 50, 'attn.proj': 1, 'mlp': 1}  # keys and values for all 50
-
+    calls = _prefix_calls(monkeypatch)
     logits = ours(x)
+    assert calls == [1]  # unobserved, the last block ran for the class token alone
     expected = vit(x)
     assert (logits - expected).abs().max() <= 1e-4
     (logits * torch.arange(10)).sum().backward()
@@ -311,14 +325,19 @@ def test_trimmed_last_block_gives_timm_vit_logits_and_gradients(qkv_bias, grad_c
     assert ours.blocks[-1].attn.qkv.weight.grad[d:].abs().sum() > 0
 
 
-def test_full_last_block_where_every_token_counts():
+def test_full_last_block_where_every_token_counts(monkeypatch):
     x = torch.randn(2, 1, 28, 28)
     trimmed = timm.create_model('smallvit_nano_patch4_28').eval()
     full = timm.create_model('smallvit_nano_patch4_28', trim_last_block=False).eval()
     full.load_state_dict(trimmed.state_dict())
+    calls = _prefix_calls(monkeypatch)
     with torch.no_grad():
         assert _last_block_token_counts(full, x) == {'norm1': 50, 'attn.proj': 50, 'mlp': 50}
+        # a hook on the last block sees what it would see in timm's ViT: the trim steps aside
+        assert _last_block_token_counts(trimmed, x) == {'norm1': 50, 'attn.proj': 50, 'mlp': 50}
+        assert calls == []
         assert (full(x) - trimmed(x)).abs().max() <= ATOL
+        assert calls == [1]
         # mean pooling reads every patch token: nothing to trim
         trimmed.reset_classifier(10, 'avg')
         assert _last_block_token_counts(trimmed, x) == {'norm1': 50, 'attn.proj': 50, 'mlp': 50}

@@ -20,8 +20,10 @@ is ``VisionTransformer(qkv_bias=False, norm_layer=partial(LayerNorm, eps=1e-5))`
 projection bias at zero. See :func:`to_vision_transformer` and :func:`checkpoint_filter_fn`.
 """
 
+import hashlib
 import math
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,10 +42,21 @@ from timm.layers import (
     to_2tuple,
     trunc_normal_,
 )
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
+from timm.models import (
+    build_model_with_cfg,
+    checkpoint,
+    checkpoint_seq,
+    generate_default_cfgs,
+    list_pretrained,
+    named_apply,
+    register_model,
+    resolve_pretrained_cfg,
+)
+
+# timm has no public name for these (timm 1.0.31): pyproject pins timm below 1.1
 from timm.models._features import feature_take_indices
 from timm.models._input import update_model_args, update_model_input_size
-from timm.models._manipulate import checkpoint, checkpoint_seq, named_apply
 from timm.models.vision_transformer import (
     VisionTransformer,
     global_pool_nlc,
@@ -73,7 +86,8 @@ def resolve_global_pool(global_pool: str | None, class_token: bool) -> str:
     return pool
 
 
-@register_notrace_function  # a leaf for fx: its checks run on real shapes, not proxies
+@torch.fx.wrap  # a leaf for any fx tracer (timm's and torchvision's): its checks run on real shapes, not proxies
+@register_notrace_function
 def check_input(x: torch.Tensor, in_chans: int, img_size: tuple[int, int] | None, strict_img_size: bool) -> None:
     """Say what input was expected and how to fix it, before conv or patch errors that name neither."""
     torch._assert(
@@ -192,34 +206,66 @@ class Dropout(nn.Dropout):
         return dropout(x, self.p, self.training)
 
 
-@register_notrace_function  # a leaf for fx: the kernel is chosen on real tensors, not proxies
+@torch.fx.wrap  # a leaf for any fx tracer (torchvision's too): the kernel is chosen on real tensors, not proxies
+@register_notrace_function
 def attend(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, dropout_p: float, fused: bool
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    dropout_p: float,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
 ) -> torch.Tensor:
-    """softmax(q k^T * scale) v over (B, heads, N, head_dim), with dropout on the attention weights.
+    """The fused path of :class:`Attention`: softmax(q k^T * scale + mask) v over (B, heads, N, head_dim).
 
-    ``fused`` takes ``F.scaled_dot_product_attention``, except for bfloat16 on the CPU: there PyTorch's flash kernel
-    is slow at a few dozen tokens (its backward was 28% of a bf16 training step of smallvit_small_patch4_28 at batch
-    128, AVX512-BF16), and with the explicit path that model trains 1.4-1.5x faster at batch 64-256. In float32 the
-    two are level on the CPU; on CUDA the fused kernel is the fast one.
+    ``F.scaled_dot_product_attention``, except for bfloat16 on the CPU: there PyTorch's flash kernel is slow at a few
+    dozen tokens (its backward was 28% of a bf16 training step of smallvit_small_patch4_28 at batch 128), and the
+    explicit path trains that model 1.4-1.5x faster. In float32 the two are level on the CPU; on CUDA the fused
+    kernel is the fast one.
     """
-    if fused and not (q.device.type == 'cpu' and q.dtype == torch.bfloat16):
-        return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+    if not (q.device.type == 'cpu' and q.dtype == torch.bfloat16):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal)
     attn = (q * scale) @ k.transpose(-2, -1)  # (B, heads, N, N)
+    attn = maybe_add_mask(attn, resolve_self_attn_mask(q.shape[-2], attn, attn_mask, is_causal))
     attn = attn.softmax(dim=-1)
     attn = dropout(attn, dropout_p)
     return attn @ v
 
 
 class Attention(TimmAttention):
-    """timm's multi-head self-attention (same parameters and names), with the kernel chosen by :func:`attend`."""
+    """timm's multi-head self-attention (same parameters, names and arguments), with a faster kernel choice.
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    The explicit path (``fused_attn=False``) is timm's own, line for line, so hooks on ``attn_drop`` and fx nodes named
+    ``attn.softmax`` (what ``timm.utils.AttentionExtract`` looks for) see every attention map; the fused path goes
+    through :func:`attend`. Dropout masks are drawn with :func:`dropout`.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.attn_drop = Dropout(self.attn_drop.p)
+        self.proj_drop = Dropout(self.proj_drop.p)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False) -> torch.Tensor:
         B, N, _ = x.shape
+        gate = self.gate(x).sigmoid() if self.gate is not None else None
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
-        x = attend(q, k, v, self.scale, self.attn_drop.p if self.training else 0.0, self.fused_attn)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self.fused_attn:
+            x = attend(q, k, v, self.scale, self.attn_drop.p if self.training else 0.0, attn_mask, is_causal)
+        else:
+            q = q * self.scale
+            attn = q @ k.transpose(-2, -1)  # (B, heads, N, N)
+            attn_bias = resolve_self_attn_mask(N, attn, attn_mask, is_causal)
+            attn = maybe_add_mask(attn, attn_bias)
+            attn = attn.softmax(dim=-1)
+            attn = self.attn_drop(attn)
+            x = attn @ v
         x = x.transpose(1, 2).reshape(B, N, self.attn_dim)
+        x = self.norm(x)
+        if gate is not None:
+            x = x * gate
         return self.proj_drop(self.proj(x))
 
     def forward_prefix(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -239,7 +285,11 @@ class Attention(TimmAttention):
         q = q.reshape(B, num_tokens, self.num_heads, self.head_dim).transpose(1, 2)  # (B, heads, n, head_dim)
         kv = F.linear(x, self.qkv.weight[d:], kv_bias).reshape(B, N, 2, self.num_heads, self.head_dim)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # each (B, heads, N, head_dim)
-        x = attend(q, k, v, self.scale, self.attn_drop.p if self.training else 0.0, self.fused_attn)
+        if self.fused_attn:
+            x = attend(q, k, v, self.scale, self.attn_drop.p if self.training else 0.0)
+        else:
+            attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, n, N)
+            x = self.attn_drop(attn) @ v
         x = x.transpose(1, 2).reshape(B, num_tokens, self.attn_dim)
         return self.proj_drop(self.proj(x))
 
@@ -646,11 +696,28 @@ class SmallViT(nn.Module):
         return self.norm(x)  # (B, 1, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.trim_last_block and self.global_pool == 'token' and self.has_class_token and len(self.blocks) > 0:
-            x = self._forward_class_token(x)
-        else:
-            x = self.forward_features(x)
+        trim = False
+        if self._trims() and not torch.jit.is_scripting():
+            trim = self._unobserved(x)
+        x = self._forward_class_token(x) if trim else self.forward_features(x)
         return self.forward_head(x)
+
+    def _trims(self) -> bool:
+        """Whether forward computes the last block for the class token alone, when nothing observes it."""
+        return self.trim_last_block and self.global_pool == 'token' and self.has_class_token and len(self.blocks) > 0
+
+    @torch.jit.unused
+    def _unobserved(self, x: torch.Tensor) -> bool:
+        """Whether nothing can see the last block's other tokens: no fx trace, no hook on what the trim changes."""
+        if isinstance(x, torch.fx.Proxy):  # timm's and torchvision's feature extractors, AttentionExtract(fx)
+            return False
+        module_hooks = torch.nn.modules.module
+        if module_hooks._global_forward_hooks or module_hooks._global_forward_pre_hooks:
+            return False
+        watched = (self.blocks, self.norm, *self.blocks[-1].modules())
+        return not any(
+            m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in watched
+        )
 
 
 # Dive into Deep Learning's ViT (d2l.ai 11.8) names its parameters differently; a one-to-one rename suffices.
@@ -784,6 +851,51 @@ def _cfg(**kwargs: Any) -> dict[str, Any]:
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
+# Weights trained by the package's own recipes, shipped inside it (timm_smallvit/pretrained/<name>.<tag>/: the
+# export of the run, with its card and args.yaml), so `pretrained=True` loads them with no network. top1/top5: the
+# single-view accuracy (%) of these weights on the 10,000 Fashion-MNIST test images through timm's eval transform;
+# sha256: of model.safetensors, checked before loading, so a damaged file never becomes a model.
+PRETRAINED_DIR = Path(__file__).resolve().parent / 'pretrained'
+HF_HUB_NAMESPACE = 'timm-smallvit'  # where `smallvit push` publishes them: hf-hub:timm-smallvit/<name>.<tag>
+PRETRAINED: dict[str, dict[str, Any]] = {
+    'smallvit_tiny_convstem_28.fmnist': dict(
+        recipe='fashion_mnist_28',
+        top1=93.50,
+        top5=99.86,
+        sha256='4d510c60500c1b31f7a4123a66a6e8cbdc64ee634312e018ad1a94a5a7149514',
+        first_conv='patch_embed.stem.0.conv',
+    ),
+    'smallvit_nano_patch4_28.fmnist': dict(
+        recipe='fashion_mnist_28_patch4',
+        top1=90.43,
+        top5=99.83,
+        sha256='e5ebc7ef81910296e7d27f7a0c228558ddcb012cea9707a41a5ba9fa75b3a2b3',
+    ),
+}
+FASHION_MNIST_LABELS = (
+    'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot',
+)  # fmt: skip
+
+
+def _fmnist_cfg(name: str) -> dict[str, Any]:
+    weights = PRETRAINED[name]
+    extra = {'first_conv': weights['first_conv']} if 'first_conv' in weights else {}
+    return _cfg(
+        file=str(PRETRAINED_DIR / name / 'model.safetensors'),
+        hf_hub_id=f'{HF_HUB_NAMESPACE}/{name}',
+        label_names=FASHION_MNIST_LABELS,
+        description=f'Trained on Fashion-MNIST (60,000 images) with the {weights["recipe"]} recipe.',
+        origin_url='https://github.com/zalandoresearch/fashion-mnist',
+        notes=(
+            f'Fashion-MNIST test top-1 {weights["top1"]:.2f}%, top-5 {weights["top5"]:.2f}% '
+            '(10,000 images, single view)',
+            'Data: Fashion-MNIST, Zalando Research, MIT licence',
+            f'Recipe: smallvit train --config {weights["recipe"]}',
+        ),
+        **extra,
+    )
+
+
 default_cfgs = generate_default_cfgs(
     {
         'smallvit': _cfg(
@@ -791,6 +903,7 @@ default_cfgs = generate_default_cfgs(
             description='ViT of d2l.ai chapter 11.8 (Vision Transformers): 96 px grayscale, patch 16.',
             origin_url='https://d2l.ai/chapter_attention-mechanisms-and-transformers/vision-transformer.html',
         ),
+        'smallvit_nano_patch4_28.fmnist': _fmnist_cfg('smallvit_nano_patch4_28.fmnist'),
         'smallvit_nano_patch4_28': _cfg(),
         'smallvit_tiny_patch4_28': _cfg(),
         'smallvit_small_patch4_28': _cfg(),
@@ -799,15 +912,40 @@ default_cfgs = generate_default_cfgs(
         'smallvit_small_patch4_32': _cfg(input_size=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD),
         'smallvit_tiny_patch8_64': _cfg(input_size=(1, 64, 64)),
         'smallvit_tiny_patch8_96': _cfg(input_size=(1, 96, 96)),
+        'smallvit_tiny_convstem_28.fmnist': _fmnist_cfg('smallvit_tiny_convstem_28.fmnist'),
         'smallvit_tiny_convstem_28': _cfg(first_conv='patch_embed.stem.0.conv'),
         'smallvit_medium_convstem_28': _cfg(first_conv='patch_embed.stem.0.conv'),
     }
 )
 
 
+def _check_pretrained(variant: str, kwargs: dict[str, Any]) -> None:
+    """Before timm loads shipped weights: a clear error for an unknown tag, and a checksum of the packaged file."""
+    try:
+        cfg = resolve_pretrained_cfg(variant, kwargs.get('pretrained_cfg'), kwargs.get('pretrained_cfg_overlay'))
+    except RuntimeError as e:  # timm's "Invalid pretrained tag (x) for y." names no valid tag
+        tags = list_pretrained(f'{variant}.*') or ['none']
+        raise RuntimeError(f'{e} Pretrained tags of {variant}: {", ".join(tags)}.') from None
+    name = f'{variant}.{cfg.tag}' if cfg.tag else variant
+    shipped = name in PRETRAINED and cfg.file == str(PRETRAINED_DIR / name / 'model.safetensors')
+    if not shipped or cfg.state_dict is not None or cfg.source in ('hf-hub', 'local-dir'):
+        return  # timm loads something else (a state dict, the Hub, a file of the user's): its own checks apply
+    path = Path(cfg.file)
+    if not path.is_file():
+        raise FileNotFoundError(f'{path}: the packaged {name} weights are missing. Reinstall timm-smallvit.')
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    if digest != PRETRAINED[name]['sha256']:
+        raise ValueError(
+            f'{path}: the packaged {name} weights are damaged (SHA-256 {digest[:12]}..., expected '
+            f'{PRETRAINED[name]["sha256"][:12]}...). Reinstall timm-smallvit.'
+        )
+
+
 def _create_smallvit(variant: str, pretrained: bool = False, **kwargs: Any) -> SmallViT:
     depth = kwargs.get('depth', 2)
     out_indices = kwargs.pop('out_indices', min(3, depth))
+    if pretrained:
+        _check_pretrained(variant, kwargs)
     return build_model_with_cfg(
         SmallViT,
         variant,
