@@ -139,6 +139,45 @@ def _push(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import json
+
+    from .predict import find_images, load_model, predict
+
+    _setup_logging()
+    if args.top_k < 1 or args.batch_size < 1:
+        raise ValueError(f'--top-k {args.top_k}, --batch-size {args.batch_size}: both must be at least 1.')
+    paths = find_images(args.images)  # every input named is checked before the model loads or anything is written
+    model = load_model(args.model)
+    records = predict(model, paths, top_k=args.top_k, batch_size=args.batch_size, attention_dir=args.attention)
+    for record in records:
+        if 'error' in record:
+            continue
+        top = ', '.join(f'{p["label"]} {p["probability"]:.3f}' for p in record['predictions'])
+        print(f'{record["file"]}: {top}')
+    if args.json:
+        _write_atomic(args.json, ''.join(json.dumps(r) + '\n' for r in records))
+    failed = [r for r in records if 'error' in r]
+    for record in failed:
+        print(f'smallvit predict: error: {record["file"]}: {record["error"]}', file=sys.stderr)
+    if failed:
+        print(f'smallvit predict: {len(failed)} of {len(records)} files could not be read', file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _write_atomic(path: str, text: str) -> None:
+    import os
+    import tempfile
+    from pathlib import Path
+
+    target = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f'.{target.name}.', dir=target.parent if str(target.parent) else '.')
+    with os.fdopen(fd, 'w') as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, target)
+
+
 def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
     from timm.utils import ParseKwargs
 
@@ -168,6 +207,25 @@ def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
     push.add_argument('--revision', help='branch to commit to (created if missing; default main)')
     push.add_argument('--commit-message', help='commit title')
     push.set_defaults(func=_push)
+
+    predict = sub.add_parser(
+        'predict', help='classify images with a model (top-k labels) and, with --attention, draw what it attends to'
+    )
+    predict.add_argument(
+        'model',
+        help='a pretrained name (smallvit_tiny_convstem_28.fmnist), local-dir:<folder>, hf-hub:<repo>, or a training '
+        'checkpoint (last.pth.tar)',
+    )
+    predict.add_argument('images', nargs='+', help='image files, folders (searched recursively) or glob patterns')
+    predict.add_argument('--top-k', type=int, default=3, help='labels to show per image (default 3)')
+    predict.add_argument('--batch-size', type=int, default=64)
+    predict.add_argument('--json', help='write one JSON record per image to this file (JSON Lines)')
+    predict.add_argument(
+        '--attention',
+        metavar='DIR',
+        help="write a PNG per image: the last block's attention and the attention rollout over the image",
+    )
+    predict.set_defaults(func=_predict)
 
 
 def _add_training_commands(sub: argparse._SubParsersAction) -> None:

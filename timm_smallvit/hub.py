@@ -50,8 +50,9 @@ from huggingface_hub import (
 )
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 from huggingface_hub.utils import validate_repo_id
-from timm.models import clean_state_dict
-from timm.models._hub import hf_split, save_for_hf
+from timm.data import create_transform, resolve_model_data_config
+from timm.models import clean_state_dict, save_for_hf
+from timm.models._hub import hf_split  # no public name in timm 1.0.31
 from torch.utils.flop_counter import FlopCounterMode
 
 from .data import FASHION_MNIST_CLASSES
@@ -64,9 +65,10 @@ WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
 CARD_NAME = 'README.md'
 CURVE_NAME = 'learning_curve.png'
+GRID_NAME = 'predictions.png'
 TEMPLATE_NAME = 'smallvit.md'
 # everything export writes, and everything push uploads
-EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, CURVE_NAME)
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, CURVE_NAME, GRID_NAME)
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 # an export in progress (or killed) lives in .<out name>.export-<pid>-<random> beside the out folder
 _TMP_NAME = re.compile(r'\..+\.export-(?:(?P<pid>\d+)-[a-z0-9_]{8}|[a-z0-9_]{8})')
@@ -102,6 +104,8 @@ _RECIPE_KEYS = (
     ('train_num_samples', 'training images (first N)'),
     ('val_num_samples', 'evaluation images (first N)'),
 )
+_SHIPPED_WEIGHTS_KEYS = ('tag', 'file', 'url', 'hf_hub_id', 'label_names', 'label_descriptions', 'description',
+                         'origin_url', 'notes', 'paper_name', 'paper_ids')  # fmt: skip
 _DATA_KEYS = ('mean', 'std', 'interpolation', 'crop_pct', 'crop_mode', 'input_size', 'img_size', 'in_chans')
 _MODEL_REF = re.compile(r"""(['"])(?:hf-hub|local-dir):[^'"\n]*\1""")
 
@@ -176,6 +180,7 @@ def export_checkpoint(
         _check_reload(model, tmp, checkpoint)
         if rows:
             _plot_learning_curve(rows, tmp / CURVE_NAME, title=name)
+        grid = _prediction_grid(model, args, labels, tmp / GRID_NAME, title=name)
         card = _model_card(
             model,
             name,
@@ -188,6 +193,7 @@ def export_checkpoint(
             model_name=repo_id.split('/')[-1] if repo_id else name,
             dataset=(hub_dataset, dataset_name or args.get('dataset')),
             curve=CURVE_NAME if rows else None,
+            grid=grid,
         )
         card.save(tmp / CARD_NAME)
         # mkdtemp and safetensors create private files; an export is an ordinary, shareable folder
@@ -397,6 +403,8 @@ def _rebuild(
     except (TypeError, ValueError) as e:
         raise ValueError(f'Could not build {name} with {kwargs}: {e}') from e
     _load_strict(model, state_dict, f'The weights in {source}', name)
+    # the default pretrained_cfg describes the shipped weights (their labels, notes, source): not these
+    model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in _SHIPPED_WEIGHTS_KEYS}
     return model.eval(), name
 
 
@@ -465,6 +473,51 @@ def read_summary(path: str | os.PathLike) -> list[dict[str, float]]:
     return [by_epoch[e] for e in sorted(by_epoch)]
 
 
+def _prediction_grid(
+    model: nn.Module, args: dict[str, Any], labels: tuple[str, ...] | None, path: Path, title: str
+) -> str | None:
+    """predictions.png from the run's evaluation images, when they are at hand; returns the card's sentence."""
+    from PIL import Image
+
+    from .data import DATASETS, load_dataset
+    from .predict import save_prediction_grid
+
+    dataset, data_dir = args.get('dataset'), args.get('data_dir')
+    if dataset not in DATASETS or not data_dir:
+        return None
+    try:
+        images, targets = load_dataset(dataset, data_dir, train=False)
+    except (OSError, ValueError, RuntimeError) as e:  # another machine, moved data: the export goes on without it
+        _logger.info('No prediction grid in the card: the evaluation images are not at hand (%s).', e)
+        return None
+    if images.shape[1] != model.in_chans:
+        return None
+    mode = 'L' if images.shape[1] == 1 else 'RGB'
+    # the first 12 test images, then the first 4 that the model gets wrong among the first 1000
+    candidates = [Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy(), mode) for img in images[:1000]]
+    transform = create_transform(**resolve_model_data_config(model))
+    with torch.inference_mode():
+        preds = torch.cat([model(torch.stack([transform(im) for im in candidates[i : i + 250]])).argmax(-1)
+                           for i in range(0, len(candidates), 250)])  # fmt: skip
+    wrong = [i for i in range(12, len(candidates)) if preds[i] != targets[i]][:4]
+    chosen = list(range(min(12, len(candidates)))) + wrong
+    cfg = model.pretrained_cfg
+    fused = [blk.attn.fused_attn for blk in model.blocks]
+    model.pretrained_cfg = dict(cfg, label_names=tuple(labels)) if labels else cfg
+    try:
+        shown, truth = [candidates[i] for i in chosen], [int(targets[i]) for i in chosen]
+        right = save_prediction_grid(model, shown, truth, path, title)
+    finally:
+        model.pretrained_cfg = cfg
+        for blk, flag in zip(model.blocks, fused, strict=True):
+            blk.attn.fused_attn = flag
+    return (
+        f'The first {min(12, len(candidates))} images of the test split, then the first {len(wrong)} of the first '
+        f'{len(candidates):,} that these weights get wrong ({right:.0%} of those shown are right), each above its '
+        'attention rollout (Abnar and Zuidema, 2020).'
+    )
+
+
 def _plot_learning_curve(rows: list[dict[str, float]], path: Path, title: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -504,6 +557,7 @@ def _model_card(
     model_name: str,
     dataset: tuple[str | None, str | None],
     curve: str | None,
+    grid: str | None = None,
 ) -> ModelCard:
     hub_dataset, dataset_name = dataset
     cfg = config['pretrained_cfg']
@@ -600,6 +654,8 @@ def _model_card(
         final_sentence=final.get('sentence') if final else None,
         notes=notes,
         curve_file=curve,
+        grid_file=GRID_NAME if grid else None,
+        grid_sentence=grid,
         history=[_fmt_row(r) for r in rows],
         timm_version=timm.__version__,
     )
@@ -681,7 +737,8 @@ def _count_macs(model: nn.Module) -> int:
     try:
         x = torch.zeros(1, model.in_chans, *model.patch_embed.img_size)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(x)
+            # FlopCounterMode's module hooks make forward run the full last block; count what forward runs unhooked
+            model.forward_head(model._forward_class_token(x)) if model._trims() else model(x)
     finally:
         for blk, flag in zip(model.blocks, fused, strict=True):
             blk.attn.fused_attn = flag
@@ -979,8 +1036,9 @@ def _stage_upload(folder: Path, stage: Path, model_ref: str) -> list[str]:
     real, names, others = _export_files(folder)
     for name in names:
         _copy_regular(real / name, stage / name, folder / name)
-    if CURVE_NAME in names and not (stage / CURVE_NAME).read_bytes().startswith(PNG_MAGIC):
-        raise ValueError(f'{folder / CURVE_NAME} is not a PNG image: remove it, or export again.')
+    for png in (CURVE_NAME, GRID_NAME):
+        if png in names and not (stage / png).read_bytes().startswith(PNG_MAGIC):
+            raise ValueError(f'{folder / png} is not a PNG image: remove it, or export again.')
     if CARD_NAME in names:
         path = stage / CARD_NAME
         try:
