@@ -271,3 +271,11 @@ def test_train_data_dir_override_reaches_the_checksum_check(tmp_path, fmnist_src
     line = _cli_error(capsys, recipe, '--data-dir', str(bad))
     assert 'train-images-idx3-ubyte.gz is not the Fashion-MNIST release file' in line
     assert not (tmp_path / 'd').exists()
+
+
+def test_a_runs_args_yaml_is_a_recipe_that_repeats_it(tmp_path, fmnist_src):
+    first = _run(tmp_path, fmnist_src, 'first')
+    recipe = yaml.safe_load((first['output_dir'] / 'args.yaml').read_text())
+    assert {'world_size', 'rank'} <= set(recipe)  # what timm's init_distributed_device added
+    again = train(resolve_args(recipe, experiment='again'))
+    assert again['eval_metrics']['top1'] == first['eval_metrics']['top1']

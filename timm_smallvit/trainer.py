@@ -192,6 +192,10 @@ TRAIN_PY_WITHOUT: dict[str, str] = {
 _BUDGET_MARGIN = 1.03
 
 
+# What timm's init_distributed_device adds to the args (and so to args.yaml), not recipe keys.
+_RUNTIME_KEYS = ('distributed', 'local_rank', 'rank', 'world_size')
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training stopped because the loss became NaN or infinite."""
 
@@ -220,7 +224,8 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
     Raises:
         ValueError: for keys this trainer does not honour (named), or values it cannot use.
     """
-    merged = dict(recipe)
+    # a run's args.yaml is a recipe too: the process layout it recorded is set again by the run that reads it
+    merged = {k: v for k, v in recipe.items() if k not in _RUNTIME_KEYS}
     merged.update({k: v for k, v in overrides.items() if v is not None})
     unknown = sorted(set(merged) - set(TRAIN_PY_DEFAULTS) - set(QUICK_TRAINER_KEYS))
     if unknown:
