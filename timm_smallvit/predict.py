@@ -239,9 +239,15 @@ def attention_maps(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     """What the pooled feature attends to, at the patch grid: (last block, rollout), each (B, grid_h, grid_w).
 
     Class-token models: the class token's row (its attention over the patches); mean-pooled models: the mean of the
-    patch tokens' rows. Maps come from timm's ``AttentionExtract`` on the explicit attention path.
+    patch tokens' rows. Maps come from timm's ``AttentionExtract`` on the explicit attention path (the model's own
+    attention setting is restored afterwards).
     """
-    return _Attention(model)(x)
+    fused = [blk.attn.fused_attn for blk in model.blocks]
+    try:
+        return _Attention(model)(x)
+    finally:
+        for blk, flag in zip(model.blocks, fused, strict=True):
+            blk.attn.fused_attn = flag
 
 
 class _Attention:
