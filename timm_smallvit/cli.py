@@ -141,8 +141,9 @@ def _push(args: argparse.Namespace) -> int:
 
 def _predict(args: argparse.Namespace) -> int:
     import json
+    from pathlib import Path
 
-    from .predict import find_images, load_model, predict
+    from .predict import _write_atomically, find_images, load_model, predict
 
     _setup_logging()
     if args.top_k < 1 or args.batch_size < 1:
@@ -156,26 +157,13 @@ def _predict(args: argparse.Namespace) -> int:
         top = ', '.join(f'{p["label"]} {p["probability"]:.3f}' for p in record['predictions'])
         print(f'{record["file"]}: {top}')
     if args.json:
-        _write_atomic(args.json, ''.join(json.dumps(r) + '\n' for r in records))
+        _write_atomically(args.json, lambda tmp: Path(tmp).write_text(''.join(json.dumps(r) + '\n' for r in records)))
     failed = [r for r in records if 'error' in r]
     for record in failed:
         print(f'smallvit predict: error: {record["file"]}: {record["error"]}', file=sys.stderr)
     if failed:
         print(f'smallvit predict: {len(failed)} of {len(records)} files could not be read', file=sys.stderr)
     return 1 if failed else 0
-
-
-def _write_atomic(path: str, text: str) -> None:
-    import os
-    import tempfile
-    from pathlib import Path
-
-    target = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{target.name}.', dir=target.parent if str(target.parent) else '.')
-    with os.fdopen(fd, 'w') as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, target)
 
 
 def _add_hub_commands(sub: argparse._SubParsersAction) -> None:

@@ -161,12 +161,10 @@ def export_checkpoint(
     if args.get('eval_hflip'):
         rows = [_single_view(row) for row in rows]
 
-    dataset_key = _dataset_key(args.get('dataset'))
-    hub_dataset, dataset_name, labels = _DATASETS.get(dataset_key, (None, None, None))
-    model_config: dict[str, Any] = {}
-    if labels is not None and len(labels) == model.num_classes:
-        model_config['label_names'] = list(labels)
-    data_config = {k: args[k] for k in _DATA_KEYS if args.get(k) not in (None, '', [])}
+    hub_dataset, dataset_name, _ = _DATASETS.get(_dataset_key(args.get('dataset')), (None, None, None))
+    labels = _labels(args, model.num_classes)
+    model_config: dict[str, Any] = {'label_names': list(labels)} if labels else {}
+    data_config = _data_config(args)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_exports(out.parent)
@@ -501,16 +499,8 @@ def _prediction_grid(
                            for i in range(0, len(candidates), 250)])  # fmt: skip
     wrong = [i for i in range(12, len(candidates)) if preds[i] != targets[i]][:4]
     chosen = list(range(min(12, len(candidates)))) + wrong
-    cfg = model.pretrained_cfg
-    fused = [blk.attn.fused_attn for blk in model.blocks]
-    model.pretrained_cfg = dict(cfg, label_names=tuple(labels)) if labels else cfg
-    try:
-        shown, truth = [candidates[i] for i in chosen], [int(targets[i]) for i in chosen]
-        right = save_prediction_grid(model, shown, truth, path, title)
-    finally:
-        model.pretrained_cfg = cfg
-        for blk, flag in zip(model.blocks, fused, strict=True):
-            blk.attn.fused_attn = flag
+    shown, truth = [candidates[i] for i in chosen], [int(targets[i]) for i in chosen]
+    right = save_prediction_grid(model, shown, truth, path, title, labels=labels)
     return (
         f'The first {min(12, len(candidates))} images of the test split, then the first {len(wrong)} of the first '
         f'{len(candidates):,} that these weights get wrong ({right:.0%} of those shown are right), each above its '
@@ -799,6 +789,17 @@ def _fmt_row(row: Mapping[str, float]) -> dict[str, str]:
         top5=_fmt_metric(row, 'eval_top5', '.2f'),
         lr=_fmt_metric(row, 'lr', '.3g'),
     )
+
+
+def _labels(args: dict[str, Any], num_classes: int) -> tuple[str, ...] | None:
+    """The class names of the dataset the training args name, when it is known and has num_classes classes."""
+    labels = _DATASETS.get(_dataset_key(args.get('dataset')), (None, None, None))[2]
+    return tuple(labels) if labels is not None and len(labels) == num_classes else None
+
+
+def _data_config(args: dict[str, Any]) -> dict[str, Any]:
+    """The preprocessing the training args set (mean, std, interpolation, crop_pct, input size)."""
+    return {k: args[k] for k in _DATA_KEYS if args.get(k) not in (None, '', [])}
 
 
 def _dataset_key(dataset: Any) -> str:

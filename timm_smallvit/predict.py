@@ -13,12 +13,13 @@ those of ``model(transform(img))``.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,19 +72,17 @@ def load_model(ref: str) -> nn.Module:
 def _from_checkpoint(path: Path) -> nn.Module:
     from . import hub
 
-    ema = False
-    if path.suffix != '.safetensors':
-        try:
-            hub._read_checkpoint(path, use_ema=True)
-            ema = True  # the EMA is what the trainer evaluated
-        except ValueError:
-            pass
-    state_dict, info = hub._read_checkpoint(path, use_ema=ema)
+    try:
+        if path.suffix == '.safetensors':
+            raise ValueError('a weights file has no EMA')
+        state_dict, info = hub._read_checkpoint(path, use_ema=True)  # the EMA is what the trainer evaluated
+    except ValueError:  # no EMA weights (or an unreadable file, which this read reports)
+        state_dict, info = hub._read_checkpoint(path, use_ema=False)
     model, _ = hub._rebuild(state_dict, info['args'], None, None, source=path)
-    labels = hub._DATASETS.get(hub._dataset_key(info['args'].get('dataset')), (None, None, None))[2]
-    if labels is not None and len(labels) == model.num_classes:
-        model.pretrained_cfg = dict(model.pretrained_cfg, label_names=tuple(labels))
-    data_config = {k: info['args'][k] for k in hub._DATA_KEYS if info['args'].get(k) not in (None, '', [])}
+    labels = hub._labels(info['args'], model.num_classes)
+    if labels:
+        model.pretrained_cfg = dict(model.pretrained_cfg, label_names=labels)
+    data_config = hub._data_config(info['args'])
     if data_config:  # preprocess as the run was trained
         model.pretrained_cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()})
     return model.eval()
@@ -146,6 +145,8 @@ def predict(
     transform = create_transform(**resolve_model_data_config(model))
     labels = model.pretrained_cfg.get('label_names')
     top_k = max(1, min(top_k, model.num_classes))
+    if attention_dir is not None:
+        model.set_fused_attn(False)  # predict owns the model it loaded: no need to switch back
     extractor = _Attention(model) if attention_dir is not None else None
     out_dir = Path(attention_dir) if attention_dir is not None else None
     if out_dir is not None:
@@ -235,6 +236,18 @@ def attention_rollout(maps: Sequence[torch.Tensor]) -> torch.Tensor:
     return rollout
 
 
+@contextlib.contextmanager
+def _explicit_attention(model: nn.Module) -> Iterator[None]:
+    # AttentionExtract reads the explicit path's softmax, as for timm's ViT; the model's own setting comes back after
+    fused = [blk.attn.fused_attn for blk in model.blocks]
+    model.set_fused_attn(False)
+    try:
+        yield
+    finally:
+        for blk, flag in zip(model.blocks, fused, strict=True):
+            blk.attn.fused_attn = flag
+
+
 def attention_maps(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What the pooled feature attends to, at the patch grid: (last block, rollout), each (B, grid_h, grid_w).
 
@@ -242,17 +255,13 @@ def attention_maps(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, tor
     patch tokens' rows. Maps come from timm's ``AttentionExtract`` on the explicit attention path (the model's own
     attention setting is restored afterwards).
     """
-    fused = [blk.attn.fused_attn for blk in model.blocks]
-    try:
+    with _explicit_attention(model):
         return _Attention(model)(x)
-    finally:
-        for blk, flag in zip(model.blocks, fused, strict=True):
-            blk.attn.fused_attn = flag
 
 
 class _Attention:
+    # the model must be on the explicit attention path (_explicit_attention) while this is used
     def __init__(self, model: nn.Module) -> None:
-        model.set_fused_attn(False)  # AttentionExtract reads the explicit path's softmax, as for timm's ViT
         self.extract = AttentionExtract(model, method='fx')
         self.prefix = model.num_prefix_tokens
         self.pooled_by_token = model.global_pool == 'token'
@@ -307,11 +316,16 @@ def _overlay(ax, attn: torch.Tensor, size: tuple[int, int]) -> None:
 
 
 def _save_png(fig, path: Path) -> None:
-    # written beside and renamed, so a killed run never leaves half a PNG
+    _write_atomically(path, lambda tmp: fig.savefig(tmp, format='png', metadata={'Software': None}))
+
+
+def _write_atomically(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
+    """``write(tmp)`` a file beside ``path``, then rename it into place: a killed run never leaves half a file."""
+    path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
     os.close(fd)
     try:
-        fig.savefig(tmp, format='png', metadata={'Software': None})
+        write(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, path)
     finally:
@@ -325,20 +339,21 @@ def save_prediction_grid(
     targets: Sequence[int],
     path: Path,
     title: str,
+    labels: Sequence[str] | None = None,
 ) -> float:
     """A grid of images with their true and predicted labels (errors in red) above their attention rollouts.
 
-    Returns the share of the images predicted right.
+    Labels default to the model's pretrained_cfg label_names. Returns the share of the images predicted right.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
     transform = create_transform(**resolve_model_data_config(model))
-    labels = model.pretrained_cfg.get('label_names') or [str(i) for i in range(model.num_classes)]
+    labels = labels or model.pretrained_cfg.get('label_names') or [str(i) for i in range(model.num_classes)]
     x = torch.stack([transform(img) for img in images])
     with torch.inference_mode():
         preds = model(x).argmax(dim=-1).tolist()
-    _, rollout = _Attention(model)(x)
+    _, rollout = attention_maps(model, x)
     cols = min(8, len(images))
     rows = math.ceil(len(images) / cols)
     fig = Figure(figsize=(1.6 * cols, 3.4 * rows), dpi=100)

@@ -65,6 +65,8 @@ from timm.models.vision_transformer import (
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
 from torch.jit import Final
 
+from .data import FASHION_MNIST_CLASSES
+
 __all__ = ['SmallViT', 'checkpoint_filter_fn', 'convert_d2l_state_dict', 'to_vision_transformer']
 
 POOL_TYPES = ('token', 'avg', 'max', 'avgmax', '')
@@ -872,18 +874,19 @@ PRETRAINED: dict[str, dict[str, Any]] = {
         sha256='e5ebc7ef81910296e7d27f7a0c228558ddcb012cea9707a41a5ba9fa75b3a2b3',
     ),
 }
-FASHION_MNIST_LABELS = (
-    'T-shirt/top', 'Trouser', 'Pullover', 'Dress', 'Coat', 'Sandal', 'Shirt', 'Sneaker', 'Bag', 'Ankle boot',
-)  # fmt: skip
+
+
+def _pretrained_file(name: str) -> str:
+    return str(PRETRAINED_DIR / name / 'model.safetensors')
 
 
 def _fmnist_cfg(name: str) -> dict[str, Any]:
     weights = PRETRAINED[name]
     extra = {'first_conv': weights['first_conv']} if 'first_conv' in weights else {}
     return _cfg(
-        file=str(PRETRAINED_DIR / name / 'model.safetensors'),
+        file=_pretrained_file(name),
         hf_hub_id=f'{HF_HUB_NAMESPACE}/{name}',
-        label_names=FASHION_MNIST_LABELS,
+        label_names=FASHION_MNIST_CLASSES,
         description=f'Trained on Fashion-MNIST (60,000 images) with the {weights["recipe"]} recipe.',
         origin_url='https://github.com/zalandoresearch/fashion-mnist',
         notes=(
@@ -927,7 +930,7 @@ def _check_pretrained(variant: str, kwargs: dict[str, Any]) -> None:
         tags = list_pretrained(f'{variant}.*') or ['none']
         raise RuntimeError(f'{e} Pretrained tags of {variant}: {", ".join(tags)}.') from None
     name = f'{variant}.{cfg.tag}' if cfg.tag else variant
-    shipped = name in PRETRAINED and cfg.file == str(PRETRAINED_DIR / name / 'model.safetensors')
+    shipped = name in PRETRAINED and cfg.file == _pretrained_file(name)
     if not shipped or cfg.state_dict is not None or cfg.source in ('hf-hub', 'local-dir'):
         return  # timm loads something else (a state dict, the Hub, a file of the user's): its own checks apply
     path = Path(cfg.file)

@@ -366,8 +366,8 @@ _OPTIMIZER_KEYS = frozenset(
 _RUN_FILES = ('summary.csv', '*.pth.tar')  # what makes a folder hold a run (args.yaml alone: it died before epoch 1)
 
 
-def _read_resume(args: argparse.Namespace) -> dict[str, Any]:
-    """The resume checkpoint's metadata, checked against ``args`` before anything is built or written."""
+def _check_resume(args: argparse.Namespace) -> None:
+    """Check the resume checkpoint (readable, a training checkpoint, args it can honour) before anything is built."""
     path = Path(args.resume)
     if not path.is_file():
         raise FileNotFoundError(
@@ -404,7 +404,6 @@ def _read_resume(args: argparse.Namespace) -> dict[str, Any]:
             f'resumed run cannot honour ({why}). Resume with {key}: {saved[key]!r}, or start a new run from its '
             f'weights with initial_checkpoint: {path}.'
         )
-    return ckpt
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -570,7 +569,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     loss_scaler = NativeScaler() if args.amp and args.amp_dtype == 'float16' else None
     primary = is_primary(args)
     _resolve_lr(args)  # before the resume check: a recipe's lr_base gives the lr the checkpoint recorded
-    resume_ckpt = _read_resume(args) if args.resume else None
+    if args.resume:
+        _check_resume(args)
 
     in_chans = args.in_chans if args.in_chans is not None else (args.input_size[0] if args.input_size else 3)
     model = timm.create_model(
@@ -716,7 +716,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     updates_per_epoch = len(loader_train)
     lr_scheduler, num_epochs = _create_scheduler(args, optimizer, updates_per_epoch)
     start_epoch = args.start_epoch if args.start_epoch is not None else (resume_epoch or 0)
-    if resume_ckpt is not None and start_epoch >= num_epochs:
+    if args.resume and start_epoch >= num_epochs:
         raise ValueError(
             f'resume {args.resume}: the checkpoint ends epoch {start_epoch - 1}, and epochs is {args.epochs}: nothing '
             f'is left to train. Raise epochs to continue the run.'
