@@ -22,6 +22,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q
 
 # the suite without the tests marked slow, for quick iteration (make test, and so CI, runs everything)
@@ -32,13 +33,15 @@ test-fast: $(STAMP)
 timm-tests: $(STAMP)
 	PYTHON=$(BIN)/python scripts/timm_test_models.sh
 
+# what .pre-commit-config.yaml runs too; mypy's files and settings are in pyproject.toml ([tool.mypy])
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache .ruff_cache
+	rm -rf $(VENV) runs .pytest_cache .ruff_cache .mypy_cache

@@ -5,7 +5,7 @@ For the seed shape (``smallvit``: 96 px, patch 16, width 512, depth 2) and a 28 
 
 - smallvit, timm's ``VisionTransformer`` of the same shape and weights (``to_vision_transformer``, with the same
   dropout), each in fp32 eager, under bf16 autocast (as a user would run it fast) and compiled (torch.compile,
-  inductor, fp32), and the textbook model (``tests/reference_d2l.py``) in fp32 eager;
+  inductor, fp32), and the textbook model (``timm_smallvit._reference_d2l``) in fp32 eager;
 - a training step (forward, cross-entropy, backward, AdamW step; ``model.train()``, so the seed's dropout 0.1 is on)
   and inference (``model.eval()`` under ``torch.inference_mode()``);
 - a large fp32 and bf16 matmul, the same-run peak that each config's achieved FLOP/s is a share of;
@@ -63,9 +63,8 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 
 import timm_smallvit
 from timm_smallvit import to_vision_transformer
+from timm_smallvit._reference_d2l import ViT
 from timm_smallvit.trainer import cpu_has_native_bf16
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # shape key -> (label, timm model name)
 SHAPES = {
@@ -233,11 +232,7 @@ def copy_dropout(src: nn.Module, dst: nn.Module) -> None:
 
 
 def build_textbook(model: nn.Module) -> nn.Module:
-    """The d2l.ai model (tests/reference_d2l.py) with the shape and dropout of a patchify smallvit."""
-    if str(REPO_ROOT) not in sys.path:
-        sys.path.insert(0, str(REPO_ROOT))
-    from tests.reference_d2l import ViT  # the repo's test oracle, kept free of timm
-
+    """The textbook d2l.ai model (free of timm) with the shape and dropout of a patchify smallvit."""
     block = model.blocks[0]
     return ViT(
         img_size=model.patch_embed.img_size[0],

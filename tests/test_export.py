@@ -114,6 +114,31 @@ def test_pull_from_local_dir_gives_the_checkpoint_logits(run, exported):
     assert torch.equal(logits(helper), expected)
 
 
+def test_checked_pull_builds_the_model_once(exported, monkeypatch):
+    built = []
+    init = timm_smallvit.SmallViT.__init__
+
+    def counted(self, *args, **kwargs):
+        built.append(kwargs.get('num_classes'))
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(timm_smallvit.SmallViT, '__init__', counted)
+    timm_smallvit.create_model(f'local-dir:{exported}', pretrained=True)
+    assert built == [10]
+
+
+def test_checked_pull_refuses_weights_timm_would_resample_unless_asked(exported, tmp_path):
+    folder = shutil.copytree(exported, tmp_path / 'export')
+    config = json.loads((folder / 'config.json').read_text())
+    config['model_args']['img_size'] = [32, 32]  # the weights are 28 px: timm alone would resample pos_embed
+    (folder / 'config.json').write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r'safetensors do not fit smallvit_nano_patch4_28: shapes differ: pos_embed'):
+        timm_smallvit.create_model(f'local-dir:{folder}', pretrained=True)
+    # asked for another size, the weights are adapted as timm adapts any pretrained weights
+    model = timm_smallvit.create_model(f'local-dir:{exported}', pretrained=True, img_size=32).eval()
+    assert model.patch_embed.img_size == (32, 32) and model(torch.zeros(1, 1, 32, 32)).shape == (1, 10)
+
+
 def test_card_parses_and_carries_the_measured_results(run, exported):
     text = (exported / 'README.md').read_text()
     card = ModelCard.load(exported / 'README.md')

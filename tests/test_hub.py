@@ -234,6 +234,18 @@ def test_stored_login_is_used_without_hf_token(hub, exported, tmp_path, monkeypa
     assert hub.repos['alice/logged-in'].private and hub.history('alice/logged-in')[0].oid == commit.oid
 
 
+def test_card_edited_after_export_goes_up_as_it_is(hub, env, exported, tmp_path, caplog):
+    folder = shutil.copytree(exported, tmp_path / 'export')
+    card = (folder / 'README.md').read_text()
+    edited = card.replace('## Usage', "A note naming 'hf-hub:someone/else'.\n\n## Usage")
+    assert edited != card
+    (folder / 'README.md').write_text(edited)
+    with caplog.at_level(logging.WARNING, logger='timm_smallvit.hub'):
+        timm_smallvit.push_to_hub(folder, 'alice/edited-card')
+    assert hub.file('alice/edited-card', 'README.md').decode() == edited  # nothing in it rewritten
+    assert 'README.md is not the card export wrote' in caplog.text and 'hf-hub:alice/edited-card' in caplog.text
+
+
 def test_pickle_files_are_never_uploaded(hub, env, exported, tmp_path, caplog):
     folder = shutil.copytree(exported, tmp_path / 'export')
     for name in ('pytorch_model.bin', 'model_best.pth.tar', 'weights.pt', 'extra.pkl'):

@@ -1,4 +1,4 @@
-"""smallvit against external oracles: timm's own VisionTransformer and the textbook model written out in the tests."""
+"""smallvit against external oracles: timm's own VisionTransformer and the textbook model (d2l.ai 11.8)."""
 
 from functools import partial
 
@@ -9,8 +9,8 @@ from timm.layers import LayerNorm, resample_abs_pos_embed
 from timm.models._manipulate import adapt_input_conv
 from timm.models.vision_transformer import VisionTransformer
 
-from tests.reference_d2l import ViT as D2LViT
 from timm_smallvit import SmallViT, convert_d2l_state_dict, to_vision_transformer
+from timm_smallvit._reference_d2l import ViT as D2LViT
 from timm_smallvit.smallvit import Block
 
 ATOL = 1e-5

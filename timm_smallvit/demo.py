@@ -36,7 +36,7 @@ def run_demo(
         data: Folder with the four Fashion-MNIST release ``*-ubyte.gz`` files.
         output: Parent folder; each run gets its own dated subfolder, with the export in ``<run>/export``.
         recipe: Recipe name or path.
-        **overrides: Recipe keys to override (the tests shorten the run this way).
+        **overrides: Recipe keys to override (e.g. fewer epochs, for a shorter run).
 
     Returns:
         test top-1 / top-5, the run and export folders, and the wall time.

@@ -13,24 +13,24 @@ those of ``model(transform(img))``.
 
 from __future__ import annotations
 
-import contextlib
 import glob
 import logging
 import math
 import os
 import tempfile
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import timm
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_model_data_config
 from timm.utils.attention_extract import AttentionExtract
 from tqdm import tqdm
+
+from .smallvit import SmallViT, explicit_attention
 
 __all__ = ['attention_maps', 'attention_rollout', 'find_images', 'load_model', 'predict']
 
@@ -39,7 +39,7 @@ _logger = logging.getLogger(__name__)
 _CHECKPOINT_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.safetensors')
 
 
-def load_model(ref: str) -> nn.Module:
+def load_model(ref: str) -> SmallViT:
     """The model a reference names, in eval mode, with label_names in its pretrained_cfg when they are known.
 
     Args:
@@ -50,11 +50,11 @@ def load_model(ref: str) -> nn.Module:
     from . import hub
 
     if ref.startswith(('local-dir:', 'hf-hub:')):
-        return hub.create_model(ref, pretrained=True).eval()
+        return hub._as_smallvit(hub.create_model(ref, pretrained=True), ref).eval()
     path = Path(ref)
     if path.exists() or ref.endswith(_CHECKPOINT_SUFFIXES):
         if path.is_dir() and (path / hub.CONFIG_NAME).is_file():
-            return hub.create_model(f'local-dir:{path}', pretrained=True).eval()
+            return hub._as_smallvit(hub.create_model(f'local-dir:{path}', pretrained=True), ref).eval()
         if not path.is_file():
             raise FileNotFoundError(f'model {ref}: no such checkpoint file.')
         return _from_checkpoint(path)
@@ -64,20 +64,17 @@ def load_model(ref: str) -> nn.Module:
             f'Pretrained names: {", ".join(timm.list_pretrained("smallvit*.*"))}.'
         )
     try:
-        return timm.create_model(ref, pretrained=True).eval()
+        model = timm.create_model(ref, pretrained=True)
     except RuntimeError as e:  # timm's "Invalid pretrained tag", "No pretrained weights exist"
         raise ValueError(f'model {ref}: {e}') from e
+    return hub._as_smallvit(model, ref).eval()
 
 
-def _from_checkpoint(path: Path) -> nn.Module:
+def _from_checkpoint(path: Path) -> SmallViT:
     from . import hub
 
-    try:
-        if path.suffix == '.safetensors':
-            raise ValueError('a weights file has no EMA')
-        state_dict, info = hub._read_checkpoint(path, use_ema=True)  # the EMA is what the trainer evaluated
-    except ValueError:  # no EMA weights (or an unreadable file, which this read reports)
-        state_dict, info = hub._read_checkpoint(path, use_ema=False)
+    # the EMA weights, when there are any, are what the trainer evaluated
+    state_dict, info = hub._read_checkpoint(path, use_ema=True, ema_required=False)
     model, _ = hub._rebuild(state_dict, info['args'], None, None, source=path)
     labels = hub._labels(info['args'], model.num_classes)
     if labels:
@@ -116,7 +113,7 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def _image_mode(model: nn.Module) -> str:
+def _image_mode(model: SmallViT) -> str:
     return 'L' if model.pretrained_cfg.get('input_size', (3,))[0] == 1 else 'RGB'
 
 
@@ -128,7 +125,7 @@ def _read(path: Path, mode: str) -> tuple[Image.Image, str]:
 
 
 def predict(
-    model: nn.Module,
+    model: SmallViT,
     paths: Iterable[Path],
     top_k: int = 5,
     batch_size: int = 64,
@@ -236,32 +233,21 @@ def attention_rollout(maps: Sequence[torch.Tensor]) -> torch.Tensor:
     return rollout
 
 
-@contextlib.contextmanager
-def _explicit_attention(model: nn.Module) -> Iterator[None]:
-    # AttentionExtract reads the explicit path's softmax, as for timm's ViT; the model's own setting comes back after
-    fused = [blk.attn.fused_attn for blk in model.blocks]
-    model.set_fused_attn(False)
-    try:
-        yield
-    finally:
-        for blk, flag in zip(model.blocks, fused, strict=True):
-            blk.attn.fused_attn = flag
-
-
-def attention_maps(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def attention_maps(model: SmallViT, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """What the pooled feature attends to, at the patch grid: (last block, rollout), each (B, grid_h, grid_w).
 
     Class-token models: the class token's row (its attention over the patches); mean-pooled models: the mean of the
     patch tokens' rows. Maps come from timm's ``AttentionExtract`` on the explicit attention path (the model's own
     attention setting is restored afterwards).
     """
-    with _explicit_attention(model):
+    # AttentionExtract reads the explicit path's softmax, as for timm's ViT
+    with explicit_attention(model):
         return _Attention(model)(x)
 
 
 class _Attention:
-    # the model must be on the explicit attention path (_explicit_attention) while this is used
-    def __init__(self, model: nn.Module) -> None:
+    # the model must be on the explicit attention path (smallvit.explicit_attention) while this is used
+    def __init__(self, model: SmallViT) -> None:
         self.extract = AttentionExtract(model, method='fx')
         self.prefix = model.num_prefix_tokens
         self.pooled_by_token = model.global_pool == 'token'
@@ -334,7 +320,7 @@ def _write_atomically(path: str | os.PathLike, write: Callable[[str], Any]) -> N
 
 
 def save_prediction_grid(
-    model: nn.Module,
+    model: SmallViT,
     images: Sequence[Image.Image],
     targets: Sequence[int],
     path: Path,

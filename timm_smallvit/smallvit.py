@@ -20,11 +20,13 @@ is ``VisionTransformer(qkv_bias=False, norm_layer=partial(LayerNorm, eps=1e-5))`
 projection bias at zero. See :func:`to_vision_transformer` and :func:`checkpoint_filter_fn`.
 """
 
+import contextlib
 import hashlib
 import math
+from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, cast
 
 import torch
 import torch.nn as nn
@@ -69,16 +71,18 @@ from .data import FASHION_MNIST_CLASSES
 
 __all__ = ['SmallViT', 'checkpoint_filter_fn', 'convert_d2l_state_dict', 'to_vision_transformer']
 
-POOL_TYPES = ('token', 'avg', 'max', 'avgmax', '')
-POOL_ALIASES = {'cls': 'token', 'mean': 'avg'}
+PoolType = Literal['token', 'avg', 'max', 'avgmax', '']
+POOL_TYPES: tuple[PoolType, ...] = ('token', 'avg', 'max', 'avgmax', '')
+POOL_ALIASES: dict[str, PoolType] = {'cls': 'token', 'mean': 'avg'}
 
 
-def resolve_global_pool(global_pool: str | None, class_token: bool) -> str:
+def resolve_global_pool(global_pool: str | None, class_token: bool) -> PoolType:
     """Map a pooling name (or an alias) to timm's name, defaulting to the class token when there is one."""
     if global_pool is None:
         return 'token' if class_token else 'avg'
-    pool = POOL_ALIASES.get(global_pool, global_pool)
-    if pool not in POOL_TYPES:
+    pools: dict[str, PoolType] = {**{p: p for p in POOL_TYPES}, **POOL_ALIASES}
+    pool = pools.get(global_pool)
+    if pool is None:
         raise ValueError(
             f"Unknown global_pool {global_pool!r}. Valid: 'token' (alias 'cls'), 'avg' (alias 'mean'), "
             f"'max', 'avgmax', or '' for no pooling."
@@ -132,7 +136,7 @@ class ConvStem(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd: dict[str, Any] = {'device': device, 'dtype': dtype}
         stem_strides = stem_strides or (2,) * len(stem_chs)
         if len(stem_strides) != len(stem_chs) or not set(stem_strides) <= {1, 2}:
             raise ValueError(f'stem_strides {stem_strides}: one stride, 1 or 2, per stem channel count {stem_chs}.')
@@ -328,7 +332,7 @@ class Block(nn.Module):
             dtype: Dtype of the parameters (timm's factory argument).
         """
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd: dict[str, Any] = {'device': device, 'dtype': dtype}
         self.norm1 = LayerNorm(dim, eps=norm_eps, **dd)
         self.attn = Attention(
             dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop, **dd
@@ -356,6 +360,8 @@ class SmallViT(nn.Module):
 
     dynamic_img_size: Final[bool]
     trim_last_block: Final[bool]
+    if TYPE_CHECKING:  # for the type checker only: a class annotation would become a TorchScript attribute type
+        pretrained_cfg: dict[str, Any]  # set by timm's build_model_with_cfg
 
     def __init__(
         self,
@@ -429,7 +435,7 @@ class SmallViT(nn.Module):
             dtype: Dtype of the parameters, as timm's create_model(..., dtype=...) passes it.
         """
         super().__init__()
-        dd = {'device': device, 'dtype': dtype}
+        dd: dict[str, Any] = {'device': device, 'dtype': dtype}
         global_pool = resolve_global_pool(global_pool, class_token)
         use_fc_norm = global_pool in ('avg', 'max', 'avgmax') if fc_norm is None else fc_norm
 
@@ -448,6 +454,7 @@ class SmallViT(nn.Module):
         if dynamic_img_size:
             # keep the patch grid (NHWC) until the position embedding is resampled to it
             embed_args.update(strict_img_size=False, output_fmt='NHWC')
+        self.patch_embed: ConvStem | PatchEmbed
         if stem_chs:
             strides = tuple(stem_strides or (2,) * len(stem_chs))
             self.patch_embed = ConvStem(
@@ -458,7 +465,7 @@ class SmallViT(nn.Module):
         else:
             self.patch_embed = PatchEmbed(
                 img_size=img_size,
-                patch_size=patch_size,
+                patch_size=patch_size,  # type: ignore[arg-type]  # timm annotates int, and takes (h, w) too (to_2tuple)
                 in_chans=in_chans,
                 embed_dim=embed_dim,
                 dynamic_img_pad=dynamic_img_pad,
@@ -470,7 +477,8 @@ class SmallViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim, **dd))
         self.pos_drop = Dropout(pos_drop_rate)
 
-        dpr = calculate_drop_path_rates(drop_path_rate, depth)
+        # an int depth gives the per-block rates, a list of floats (stage depths would give lists of lists)
+        dpr = cast(list[float], calculate_drop_path_rates(drop_path_rate, depth))
         self.blocks = nn.Sequential(
             *[
                 Block(
@@ -513,8 +521,8 @@ class SmallViT(nn.Module):
     @torch.jit.ignore
     def set_fused_attn(self, enable: bool = True) -> None:
         """Switch every block between fused attention and the explicit softmax path (same results)."""
-        for block in self.blocks:
-            block.attn.fused_attn = enable
+        for block in _blocks(self):
+            block.attn.fused_attn = enable  # type: ignore[misc]  # timm's Final: constant once scripted
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
@@ -694,7 +702,9 @@ class SmallViT(nn.Module):
             if self.grad_checkpointing and not torch.jit.is_scripting():
                 x = checkpoint(blk, x) if i < last else checkpoint(blk.forward_prefix, x, 1)
             else:
-                x = blk(x) if i < last else blk.forward_prefix(x, 1)
+                # blocks holds Block modules, which nn.Sequential yields typed as nn.Module (no narrowing here:
+                # TorchScript compiles this loop)
+                x = blk(x) if i < last else blk.forward_prefix(x, 1)  # type: ignore[operator]
         return self.norm(x)  # (B, 1, D)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -720,6 +730,32 @@ class SmallViT(nn.Module):
         return not any(
             m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks for m in watched
         )
+
+
+def _blocks(model: SmallViT) -> list[Block]:
+    """The model's transformer blocks as :class:`Block` (nn.Sequential yields them typed as nn.Module)."""
+    blocks = []
+    for blk in model.blocks:
+        if not isinstance(blk, Block):
+            raise TypeError(f'{type(model).__name__}.blocks holds a {type(blk).__name__}, not a smallvit Block.')
+        blocks.append(blk)
+    return blocks
+
+
+@contextlib.contextmanager
+def explicit_attention(model: SmallViT) -> Iterator[None]:
+    """Run the model on the explicit softmax path (what hooks, fx and FlopCounterMode see into), then restore it.
+
+    Each block's own fused-attention setting comes back afterwards, as it was.
+    """
+    blocks = _blocks(model)
+    fused = [blk.attn.fused_attn for blk in blocks]
+    model.set_fused_attn(False)
+    try:
+        yield
+    finally:
+        for blk, flag in zip(blocks, fused, strict=True):
+            blk.attn.fused_attn = flag  # type: ignore[misc]  # timm's Final: constant once scripted
 
 
 # Dive into Deep Learning's ViT (d2l.ai 11.8) names its parameters differently; a one-to-one rename suffices.
@@ -776,7 +812,7 @@ def convert_d2l_state_dict(state_dict: dict[str, torch.Tensor]) -> dict[str, tor
     return out
 
 
-def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SmallViT) -> dict[str, torch.Tensor]:
+def checkpoint_filter_fn(state_dict: dict[str, Any], model: SmallViT) -> dict[str, torch.Tensor]:
     """Prepare a state dict for ``model``: d2l or timm ViT layouts, resized position / patch embeddings.
 
     A timm ``VisionTransformer`` always has attention output projection biases; smallvit models built without
@@ -786,9 +822,11 @@ def checkpoint_filter_fn(state_dict: dict[str, torch.Tensor], model: SmallViT) -
     state_dict = state_dict.get('state_dict', state_dict)
     if 'pos_embedding' in state_dict:
         state_dict = convert_d2l_state_dict(state_dict)
-    state_dict = _vit_checkpoint_filter_fn(state_dict, model)
+    # timm's ViT filter reads only what SmallViT shares with VisionTransformer (patch_embed, pos_embed, prefix tokens)
+    state_dict = _vit_checkpoint_filter_fn(state_dict, model)  # type: ignore[arg-type]
 
-    model_has_proj_bias = bool(len(model.blocks)) and model.blocks[0].attn.proj.bias is not None
+    blocks = _blocks(model)
+    model_has_proj_bias = bool(blocks) and blocks[0].attn.proj.bias is not None
     out = {}
     for key, value in state_dict.items():
         if key.endswith('attn.proj.bias') and not model_has_proj_bias:
@@ -806,7 +844,9 @@ def to_vision_transformer(model: SmallViT) -> VisionTransformer:
     """Build timm's ``VisionTransformer`` with the same shape and weights as ``model`` (same logits in eval)."""
     if isinstance(model.patch_embed, ConvStem):
         raise ValueError("A conv-stem smallvit has no timm VisionTransformer counterpart (its stem isn't a patchify).")
-    block = model.blocks[0] if len(model.blocks) else None
+    blocks = _blocks(model)
+    block = blocks[0] if blocks else None
+    eps = next(m.eps for m in (model.norm, model.fc_norm) if isinstance(m, nn.LayerNorm))
     vit = VisionTransformer(
         img_size=model.patch_embed.img_size,
         patch_size=model.patch_embed.patch_size,
@@ -814,14 +854,14 @@ def to_vision_transformer(model: SmallViT) -> VisionTransformer:
         num_classes=model.num_classes,
         global_pool=model.global_pool,
         embed_dim=model.embed_dim,
-        depth=len(model.blocks),
+        depth=len(blocks),
         num_heads=block.attn.num_heads if block is not None else 1,
-        mlp_ratio=block.mlp.fc1.out_features / model.embed_dim if block is not None else 4.0,
+        mlp_ratio=block.mlp.fc1.weight.shape[0] / model.embed_dim if block is not None else 4.0,
         qkv_bias=block is not None and block.attn.qkv.bias is not None,
         class_token=model.has_class_token,
         fc_norm=not isinstance(model.fc_norm, nn.Identity),
         dynamic_img_size=model.dynamic_img_size,
-        norm_layer=partial(LayerNorm, eps=model.norm.eps if hasattr(model.norm, 'eps') else model.fc_norm.eps),
+        norm_layer=partial(LayerNorm, eps=eps),
         weight_init='skip',
     )
     state_dict = dict(model.state_dict())
@@ -931,7 +971,7 @@ def _check_pretrained(variant: str, kwargs: dict[str, Any]) -> None:
         raise RuntimeError(f'{e} Pretrained tags of {variant}: {", ".join(tags)}.') from None
     name = f'{variant}.{cfg.tag}' if cfg.tag else variant
     shipped = name in PRETRAINED and cfg.file == _pretrained_file(name)
-    if not shipped or cfg.state_dict is not None or cfg.source in ('hf-hub', 'local-dir'):
+    if not shipped or cfg.file is None or cfg.state_dict is not None or cfg.source in ('hf-hub', 'local-dir'):
         return  # timm loads something else (a state dict, the Hub, a file of the user's): its own checks apply
     path = Path(cfg.file)
     if not path.is_file():

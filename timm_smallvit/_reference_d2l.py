@@ -1,8 +1,9 @@
-"""The Vision Transformer of Dive into Deep Learning, section 11.8, written out from the chapter as a test oracle.
+"""The Vision Transformer of Dive into Deep Learning, section 11.8, written out from the chapter: the textbook model.
 
-Kept deliberately independent of timm and of timm_smallvit: separate W_q / W_k / W_v / W_o linear layers (no bias),
-explicit scaled dot-product softmax attention with dropout on the weights, the chapter's module and parameter names.
-The chapter uses lazy layers; the input widths are spelled out here instead.
+The oracle smallvit is tested against, and the benchmark's textbook baseline (scripts/benchmark.py); not API.
+Kept deliberately independent of timm and of the rest of timm_smallvit (it imports torch only): separate W_q / W_k /
+W_v / W_o linear layers (no bias), explicit scaled dot-product softmax attention with dropout on the weights, the
+chapter's module and parameter names. The chapter uses lazy layers; the input widths are spelled out here instead.
 """
 
 import math
