@@ -7,8 +7,10 @@
     create_model        timm.create_model after the import that registers smallvit*, checking hf-hub: and
                         local-dir: files first so that bad exports fail with a message instead of odd timm errors
 
-Checkpoints are read with ``torch.load(weights_only=True)``, allowing only the ``argparse.Namespace`` that timm's
-train.py stores under 'args', or with safetensors; nothing else is unpickled.
+Checkpoints are read by timm (``timm.utils.load_checkpoint_metadata``, ``timm.models.load_state_dict``), with
+``torch.load(weights_only=True)`` allowing only the ``argparse.Namespace`` that timm's train.py stores under 'args',
+or with safetensors; nothing else is unpickled. The model card is rendered from model_cards/smallvit.md, and push
+renders it again, from the values export kept in it, to name the Hub repo.
 """
 
 from __future__ import annotations
@@ -28,10 +30,11 @@ import stat
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import jinja2
 import safetensors.torch
 import timm
 import torch
@@ -51,11 +54,13 @@ from huggingface_hub import (
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from timm.data import create_transform, resolve_model_data_config
-from timm.models import clean_state_dict, save_for_hf
+from timm.models import load_state_dict, save_for_hf
 from timm.models._hub import hf_split  # no public name in timm 1.0.31
+from timm.utils import load_checkpoint_metadata
 from torch.utils.flop_counter import FlopCounterMode
 
 from .data import FASHION_MNIST_CLASSES
+from .smallvit import SmallViT, _blocks, explicit_attention
 
 __all__ = ['create_model', 'export_checkpoint', 'push_to_hub', 'read_summary']
 
@@ -107,7 +112,8 @@ _RECIPE_KEYS = (
 _SHIPPED_WEIGHTS_KEYS = ('tag', 'file', 'url', 'hf_hub_id', 'label_names', 'label_descriptions', 'description',
                          'origin_url', 'notes', 'paper_name', 'paper_ids')  # fmt: skip
 _DATA_KEYS = ('mean', 'std', 'interpolation', 'crop_pct', 'crop_mode', 'input_size', 'img_size', 'in_chans')
-_MODEL_REF = re.compile(r"""(['"])(?:hf-hub|local-dir):[^'"\n]*\1""")
+# the card's last line keeps what the template rendered it from (but model_ref), so that push can render it again
+_CARD_CONTEXT = '<!-- timm-smallvit card: '
 
 
 # ---- export --------------------------------------------------------------------------------------------------------
@@ -165,6 +171,8 @@ def export_checkpoint(
     labels = _labels(args, model.num_classes)
     model_config: dict[str, Any] = {'label_names': list(labels)} if labels else {}
     data_config = _data_config(args)
+    # the size the model is built for (model_kwargs img_size), where the args do not set one
+    data_config.setdefault('input_size', [model.in_chans, *_img_size(model)])
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_exports(out.parent)
@@ -172,7 +180,7 @@ def export_checkpoint(
     tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.export-{os.getpid()}-', dir=out.parent))
     try:
         try:
-            save_for_hf(model, tmp, model_config=model_config, safe_serialization=True, data_config=data_config)
+            save_for_hf(model, str(tmp), model_config=model_config, safe_serialization=True, data_config=data_config)
         except ValueError as e:
             raise ValueError(f'The training args of {checkpoint} do not fit the model: {e}') from e
         _check_reload(model, tmp, checkpoint)
@@ -189,7 +197,7 @@ def export_checkpoint(
             checkpoint=checkpoint,
             model_ref=f'hf-hub:{repo_id}' if repo_id else f'local-dir:{out}',
             model_name=repo_id.split('/')[-1] if repo_id else name,
-            dataset=(hub_dataset, dataset_name or args.get('dataset')),
+            dataset=(hub_dataset, dataset_name or args.get('dataset') or _folder_name(args)),
             curve=CURVE_NAME if rows else None,
             grid=grid,
         )
@@ -290,43 +298,44 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     os.rename(tmp, out)
 
 
-def _read_checkpoint(path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """State dict and {'args', 'epoch', 'metric'} of a training checkpoint, or of a bare weights file."""
+def _read_checkpoint(
+    path: Path, use_ema: bool, *, ema_required: bool = True
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """State dict and {'args', 'epoch', 'metric', 'ema'} of a training checkpoint, or of a bare weights file.
+
+    timm reads the file: ``load_checkpoint_metadata`` for what the checkpoint says besides its weights (train.py's
+    args, epoch, metric; tensors memory-mapped, so it is cheap) and ``load_state_dict`` for the weights (the EMA or
+    the trained ones, DDP / torch.compile prefixes removed). Both unpickle with ``weights_only``, allowing only the
+    argparse.Namespace of train.py's args. With use_ema, a checkpoint without EMA weights is an error, or, when not
+    ema_required, gives its trained weights (info['ema'] says which).
+    """
     if not path.is_file():
         raise FileNotFoundError(f'No checkpoint at {path}.')
-    info: dict[str, Any] = {'args': {}, 'epoch': None, 'metric': None}
+    info: dict[str, Any] = {'args': {}, 'epoch': None, 'metric': None, 'ema': False}
     if path.suffix == '.safetensors':
-        if use_ema:
+        if use_ema and ema_required:
             raise ValueError(f'{path} holds a single set of weights: --ema (use_ema) applies to training checkpoints.')
         try:
-            return safetensors.torch.load_file(path), info
+            return load_state_dict(str(path), use_ema=False), info
         except Exception as e:  # safetensors raises SafetensorError, OSError or ValueError on bad files
             raise ValueError(f'{path} is not a readable safetensors file ({e}). Is it truncated?') from e
-    try:
-        # train.py stores its argparse.Namespace under 'args'; every other global stays refused
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(
-            f'{path} holds Python objects other than tensors and training args, so it is not loaded: '
-            f'torch.load(weights_only=True) refused it ({str(e).splitlines()[0]}). Only timm training checkpoints, '
-            f'state dicts and .safetensors files are supported.'
-        ) from e
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise ValueError(f'Could not read {path} as a PyTorch checkpoint ({e}). Is it truncated?') from e
+
+    ckpt = _torch_read(path, load_checkpoint_metadata)
     if not isinstance(ckpt, dict):
         raise ValueError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict or a state dict.')
-
-    if use_ema:
-        key = next((k for k in ('state_dict_ema', 'model_ema') if isinstance(ckpt.get(k), dict)), None)
-        if key is None:
-            raise ValueError(
-                f'{path} has no EMA weights (state_dict_ema): train with --model-ema, or export without --ema.'
-            )
+    has_ema = any(isinstance(ckpt.get(k), dict) for k in ('state_dict_ema', 'model_ema'))
+    if use_ema and not has_ema and ema_required:
+        raise ValueError(
+            f'{path} has no EMA weights (state_dict_ema): train with --model-ema, or export without --ema.'
+        )
+    info['ema'] = use_ema and has_ema
+    # the entry timm's load_state_dict takes the weights from (None: a bare state dict), checked before it is read
+    if info['ema']:
+        key = next((k for k in ('state_dict_ema', 'model_ema') if ckpt.get(k) is not None), None)
     else:
-        key = next((k for k in ('state_dict', 'model') if isinstance(ckpt.get(k), dict)), None)
-    state_dict = ckpt[key] if key else ckpt
-    if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        key = next((k for k in ('state_dict', 'model') if k in ckpt), None)
+    weights = ckpt[key] if key else ckpt
+    if not isinstance(weights, dict) or not weights or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise ValueError(f'{path} has no state dict of tensors (keys: {_head(list(ckpt))}).')
     if key:
         args = ckpt.get('args')
@@ -340,8 +349,23 @@ def _read_checkpoint(path: Path, use_ema: bool) -> tuple[dict[str, torch.Tensor]
             )
         info['epoch'] = ckpt.get('epoch')
         info['metric'] = ckpt.get('metric')
-    info['ema'] = use_ema
-    return clean_state_dict(state_dict), info
+    return _torch_read(path, lambda p: load_state_dict(p, use_ema=info['ema'])), info
+
+
+def _torch_read(path: Path, read: Callable[[str], Any]) -> Any:
+    """read(path) with timm's torch.load(weights_only=True), its errors as one-line ValueErrors."""
+    try:
+        return read(str(path))
+    except RuntimeError as e:
+        if isinstance(e.__cause__, pickle.UnpicklingError):  # timm's "weights_only=True blocked loading ..."
+            raise ValueError(
+                f'{path} holds Python objects other than tensors and training args, so it is not loaded: '
+                f'torch.load(weights_only=True) refused it ({str(e.__cause__).splitlines()[0]}). Only timm training '
+                f'checkpoints, state dicts and .safetensors files are supported.'
+            ) from e
+        raise ValueError(f'Could not read {path} as a PyTorch checkpoint ({_one_line(e)}). Is it truncated?') from e
+    except (EOFError, OSError, ValueError) as e:
+        raise ValueError(f'Could not read {path} as a PyTorch checkpoint ({_one_line(e)}). Is it truncated?') from e
 
 
 def _rebuild(
@@ -350,7 +374,7 @@ def _rebuild(
     model_name: str | None,
     model_kwargs: Mapping[str, Any] | None,
     source: Path,
-) -> tuple[nn.Module, str]:
+) -> tuple[SmallViT, str]:
     """The model the checkpoint was trained as, with its weights loaded strictly."""
     name = model_name or args.get('model')
     if not name:
@@ -358,6 +382,9 @@ def _rebuild(
             f'{source} does not say which model it holds (no training args): pass --model (model_name=), '
             f"e.g. --model smallvit_nano_patch4_28; timm.list_models('smallvit*') lists them."
         )
+    source_args: dict[str, Any] = {}
+    if isinstance(name, str) and name.startswith(('hf-hub:', 'local-dir:')):
+        name, source_args = _source_architecture(name, source)  # a fine-tuned run: the model it started from
     _check_architecture(name, f'{source} was trained as')
     if 'patch_embed.proj.weight' not in state_dict or 'pos_embed' not in state_dict:
         raise ValueError(
@@ -368,7 +395,8 @@ def _rebuild(
         raise ValueError(
             f'{source}: the training arg model_kwargs is {args["model_kwargs"]!r}, not a mapping of model arguments.'
         )
-    kwargs = dict(args.get('model_kwargs') or {})
+    kwargs = {k: v for k, v in source_args.items() if k not in ('num_classes', 'in_chans')}
+    kwargs.update(args.get('model_kwargs') or {})
     kwargs.update(model_kwargs or {})
 
     # train.py builds 3-channel models unless told otherwise; when the args don't say, the input conv weights do
@@ -397,26 +425,31 @@ def _rebuild(
     if global_pool is not None:
         kwargs['global_pool'] = global_pool
     try:
-        model = timm.create_model(name, num_classes=weight_classes, in_chans=weight_chans, **kwargs)
+        model = _as_smallvit(timm.create_model(name, num_classes=weight_classes, in_chans=weight_chans, **kwargs), name)
     except (TypeError, ValueError) as e:
         raise ValueError(f'Could not build {name} with {kwargs}: {e}') from e
     _load_strict(model, state_dict, f'The weights in {source}', name)
     # the default pretrained_cfg describes the shipped weights (their labels, notes, source): not these
     model.pretrained_cfg = {k: v for k, v in model.pretrained_cfg.items() if k not in _SHIPPED_WEIGHTS_KEYS}
+    # and the size the model is built at (model_kwargs img_size), which timm's cfg leaves at the default's
+    model.pretrained_cfg['input_size'] = (model.in_chans, *_img_size(model))
     return model.eval(), name
 
 
 def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], what: str, name: str) -> None:
+    """Load every tensor of state_dict into model, or say in one line what does not fit (the model is then unusable)."""
+    # torch names size mismatches only in its error text, so shapes are compared here; the tensors that fit are
+    # loaded, and load_state_dict's result names the missing and unexpected keys
     expected = model.state_dict()
-    missing = [k for k in expected if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in expected]
     shapes = {
         k: (tuple(state_dict[k].shape), tuple(v.shape))
         for k, v in expected.items()
         if k in state_dict and state_dict[k].shape != v.shape
     }
+    result = model.load_state_dict({k: v for k, v in state_dict.items() if k not in shapes}, strict=False)
+    missing = [k for k in result.missing_keys if k not in shapes]
+    unexpected = list(result.unexpected_keys)
     if not (missing or unexpected or shapes):
-        model.load_state_dict(state_dict, strict=True)
         return
     problems = []
     if shapes:
@@ -437,10 +470,10 @@ def _load_strict(model: nn.Module, state_dict: dict[str, torch.Tensor], what: st
     )
 
 
-def _check_reload(model: nn.Module, folder: Path, source: Path) -> None:
+def _check_reload(model: SmallViT, folder: Path, source: Path) -> None:
     """Load the export back the way users will and demand the same logits, before it is moved into place."""
     reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
-    chans, (h, w) = model.in_chans, model.patch_embed.img_size
+    chans, (h, w) = model.in_chans, _img_size(model)
     x = torch.randn(2, chans, h, w, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = model(x)
@@ -472,23 +505,28 @@ def read_summary(path: str | os.PathLike) -> list[dict[str, float]]:
 
 
 def _prediction_grid(
-    model: nn.Module, args: dict[str, Any], labels: tuple[str, ...] | None, path: Path, title: str
+    model: SmallViT, args: dict[str, Any], labels: tuple[str, ...] | None, path: Path, title: str
 ) -> str | None:
     """predictions.png from the run's evaluation images, when they are at hand; returns the card's sentence."""
     from PIL import Image
 
-    from .data import DATASETS, load_dataset
+    from .data import SmallImageDataset
     from .predict import save_prediction_grid
 
-    dataset, data_dir = args.get('dataset'), args.get('data_dir')
-    if dataset not in DATASETS or not data_dir:
+    if not args.get('data_dir'):
         return None
     try:
-        images, targets = load_dataset(dataset, data_dir, train=False)
+        data = SmallImageDataset(
+            args.get('dataset') or '',
+            args['data_dir'],
+            train_split=args.get('train_split') or 'train',
+            val_split=args.get('val_split') or 'validation',
+            class_map=args.get('class_map') or '',
+        )
+        split = data.load('val', in_chans=model.in_chans, img_size=_img_size(model), progress=False)
+        images, targets = split.images, split.labels
     except (OSError, ValueError, RuntimeError) as e:  # another machine, moved data: the export goes on without it
         _logger.info('No prediction grid in the card: the evaluation images are not at hand (%s).', e)
-        return None
-    if images.shape[1] != model.in_chans:
         return None
     mode = 'L' if images.shape[1] == 1 else 'RGB'
     # the first 12 test images, then the first 4 that the model gets wrong among the first 1000
@@ -535,7 +573,7 @@ def _plot_learning_curve(rows: list[dict[str, float]], path: Path, title: str) -
 
 
 def _model_card(
-    model: nn.Module,
+    model: SmallViT,
     name: str,
     config: dict[str, Any],
     *,
@@ -551,8 +589,8 @@ def _model_card(
 ) -> ModelCard:
     hub_dataset, dataset_name = dataset
     cfg = config['pretrained_cfg']
-    block = model.blocks[0]
-    h, w = model.patch_embed.img_size
+    blocks = _blocks(model)
+    h, w = _img_size(model)
     ph, pw = model.patch_embed.patch_size
 
     split = 'test' if hub_dataset else str(args.get('val_split') or 'validation')
@@ -572,7 +610,7 @@ def _model_card(
         )
     eval_results = []
     if final is not None and final.get('describes_export'):
-        common = dict(
+        common: dict[str, Any] = dict(
             task_type='image-classification',
             task_name='Image Classification',
             dataset_type=hub_dataset or dataset_name or 'custom',
@@ -626,9 +664,9 @@ def _model_card(
         patch_size=f'{ph}×{pw}',
         num_patches=model.patch_embed.num_patches,
         width=model.embed_dim,
-        depth=len(model.blocks),
-        heads=block.attn.num_heads,
-        mlp_hidden=block.mlp.fc1.out_features,
+        depth=len(blocks),
+        heads=blocks[0].attn.num_heads,
+        mlp_hidden=blocks[0].mlp.fc1.weight.shape[0],
         pooling=_describe_pool(model.global_pool),
         num_classes=num_classes,
         label_names=config.get('label_names'),
@@ -637,7 +675,6 @@ def _model_card(
         crop_pct=cfg.get('crop_pct'),
         mean=_fmt_tuple(cfg.get('mean')),
         std=_fmt_tuple(cfg.get('std')),
-        model_ref=model_ref,
         top_k=min(3, num_classes) if num_classes else 1,
         recipe=_recipe(args),
         final=_fmt_row(final) if final else None,
@@ -649,7 +686,42 @@ def _model_card(
         history=[_fmt_row(r) for r in rows],
         timm_version=timm.__version__,
     )
-    return ModelCard.from_template(card_data, template_path=str(_template_path()), **context)
+    return _render_card(card_data, context, model_ref)
+
+
+def _render_card(card_data: ModelCardData, context: Mapping[str, Any], model_ref: str) -> ModelCard:
+    """The card the template renders from card_data and context, its usage snippet naming model_ref."""
+    # JSON in an HTML comment, which nothing in it can close
+    saved = json.dumps(dict(context)).replace('<', '\\u003c').replace('>', '\\u003e')
+    return ModelCard.from_template(
+        card_data, template_path=str(_template_path()), model_ref=model_ref, card_context=saved, **context
+    )
+
+
+def _render_for(card: ModelCard, text: str, model_ref: str) -> str | None:
+    """The card rendered again with model_ref, when text is the template's card for its own saved context.
+
+    None for a card that export did not write as it is (edited by hand, or by a version that kept no context).
+    """
+    _, found, tail = text.rpartition(_CARD_CONTEXT)
+    try:
+        context = json.loads(tail.partition(' -->')[0]) if found else None
+    except ValueError:
+        return None
+    if not isinstance(context, dict) or not isinstance(card.data, ModelCardData):
+        return None
+    # rendered with a placeholder reference, the card must be the text with its reference there (both places)
+    slot = f'<model-ref-{uuid.uuid4().hex}>'
+    try:
+        parts = str(_render_card(card.data, context, slot)).split(slot)
+    except (jinja2.TemplateError, TypeError, ValueError):  # values the installed template cannot render
+        return None
+    if len(parts) < 2 or not text.startswith(parts[0]):
+        return None
+    end = text.find(parts[1], len(parts[0]))
+    if end < 0 or text[len(parts[0]) : end].join(parts) != text:
+        return None
+    return str(_render_card(card.data, context, model_ref))
 
 
 def _single_view(row: dict[str, float]) -> dict[str, float]:
@@ -719,19 +791,13 @@ def _final_result(rows: list[dict[str, float]], args: dict[str, Any], info: dict
     return final, notes
 
 
-def _count_macs(model: nn.Module) -> int:
+def _count_macs(model: SmallViT) -> int:
     """Multiply-accumulates of one forward pass at the model's input size (FLOPs / 2)."""
-    fused = [blk.attn.fused_attn for blk in model.blocks]
+    x = torch.zeros(1, model.in_chans, *_img_size(model))
     # FlopCounterMode does not see inside the CPU SDPA kernel; the explicit attention path is the same math
-    model.set_fused_attn(False)
-    try:
-        x = torch.zeros(1, model.in_chans, *model.patch_embed.img_size)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            # FlopCounterMode's module hooks make forward run the full last block; count what forward runs unhooked
-            model.forward_head(model._forward_class_token(x)) if model._trims() else model(x)
-    finally:
-        for blk, flag in zip(model.blocks, fused, strict=True):
-            blk.attn.fused_attn = flag
+    with explicit_attention(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
+        # FlopCounterMode's module hooks make forward run the full last block; count what forward runs unhooked
+        model.forward_head(model._forward_class_token(x)) if model._trims() else model(x)
     return counter.get_total_flops() // 2
 
 
@@ -792,9 +858,17 @@ def _fmt_row(row: Mapping[str, float]) -> dict[str, str]:
 
 
 def _labels(args: dict[str, Any], num_classes: int) -> tuple[str, ...] | None:
-    """The class names of the dataset the training args name, when it is known and has num_classes classes."""
-    labels = _DATASETS.get(_dataset_key(args.get('dataset')), (None, None, None))[2]
+    """The class names the run trained on (its label_names), else those of the dataset it names, if num_classes."""
+    labels = args.get('label_names')
+    if not (isinstance(labels, (list, tuple)) and all(isinstance(n, str) for n in labels)):
+        labels = _DATASETS.get(_dataset_key(args.get('dataset')), (None, None, None))[2]
     return tuple(labels) if labels is not None and len(labels) == num_classes else None
+
+
+def _folder_name(args: dict[str, Any]) -> str | None:
+    """An image folder's name, as the card names the dataset of a run on one."""
+    data_dir = args.get('data_dir')
+    return Path(data_dir).resolve().name if not args.get('dataset') and isinstance(data_dir, str) else None
 
 
 def _data_config(args: dict[str, Any]) -> dict[str, Any]:
@@ -820,6 +894,25 @@ def _template_path() -> Path:
 # ---- checks shared by push and pull ------------------------------------------------------------------------------
 
 
+def _source_architecture(name: str, source: Path) -> tuple[str, dict[str, Any]]:
+    """The architecture and model args of a run's ``hf-hub:`` / ``local-dir:`` model, from its config.json."""
+    from timm.models._hub import load_model_config_from_hf, load_model_config_from_path  # timm's only reader
+
+    prefix, _, where = name.partition(':')
+    try:
+        if prefix == 'local-dir':
+            _, architecture, model_args = load_model_config_from_path(where)
+        else:
+            _, architecture, model_args = load_model_config_from_hf(where)
+    except Exception as e:  # a moved folder, no Hub cache offline
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f'{source} was fine-tuned from {name}, whose config.json is not at hand ({first}): pass --model with '
+            'its architecture (and --set img_size=N if it differs), e.g. --model smallvit_tiny_convstem_28.'
+        ) from e
+    return architecture, dict(model_args or {})
+
+
 def _check_architecture(name: Any, what: str) -> None:
     if not isinstance(name, str) or not name.startswith('smallvit') or not timm.is_model(name):
         raise ValueError(
@@ -830,6 +923,13 @@ def _check_architecture(name: Any, what: str) -> None:
 
 def _check_files(config_path: Path, weights_path: Path, where: str) -> dict[str, Any]:
     """Check that config.json and model.safetensors describe one smallvit model timm can load; returns the config."""
+    config, state_dict = _read_export(config_path, weights_path, where)
+    _check_weights(config, state_dict, where)
+    return config
+
+
+def _read_export(config_path: Path, weights_path: Path, where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """config.json and the tensors of model.safetensors, checked as far as they go without building the model."""
     try:
         config = json.loads(config_path.read_text())
     except (OSError, ValueError) as e:
@@ -857,7 +957,7 @@ def _check_files(config_path: Path, weights_path: Path, where: str) -> dict[str,
             f'{model_args["num_classes"]} in model_args. Export the model again.'
         )
     try:
-        state_dict = safetensors.torch.load_file(weights_path)
+        state_dict = safetensors.torch.load_file(weights_path)  # as timm reads an export: the tensors as they are
     except FileNotFoundError:
         raise
     except Exception as e:  # safetensors raises SafetensorError, OSError or ValueError on bad files
@@ -869,6 +969,13 @@ def _check_files(config_path: Path, weights_path: Path, where: str) -> dict[str,
             f'{where}: num_classes mismatch: config.json says {num_classes} classes, but the classifier in '
             f'model.safetensors (head.weight) has {weight_classes} outputs. Export the model again.'
         )
+    return config, state_dict
+
+
+def _check_weights(config: dict[str, Any], state_dict: dict[str, torch.Tensor], where: str) -> None:
+    """Build the model a checked config.json (_read_export) describes and load state_dict into it strictly."""
+    model_args = dict(config.get('model_args', {}))
+    num_classes = config.get('num_classes', model_args.get('num_classes'))
     try:
         if num_classes is not None:
             model_args['num_classes'] = num_classes
@@ -876,12 +983,6 @@ def _check_files(config_path: Path, weights_path: Path, where: str) -> dict[str,
     except (TypeError, ValueError) as e:
         raise ValueError(f'{where}: config.json model_args do not build {config["architecture"]}: {e}') from e
     _load_strict(model, state_dict, f'{where}: the weights in model.safetensors', config['architecture'])
-    return config
-
-
-def _check_folder(folder: Path) -> dict[str, Any]:
-    real, _, _ = _export_files(folder)
-    return _check_files(real / CONFIG_NAME, real / WEIGHTS_NAME, str(folder))
 
 
 def _export_files(folder: Path) -> tuple[Path, list[str], list[str]]:
@@ -933,8 +1034,9 @@ def push_to_hub(
     Only the files export writes go up (model.safetensors, config.json, README.md, learning_curve.png), as regular
     files: a symbolic link among them is refused, and nothing else in the folder is sent. Everything is checked
     before the first change on the Hub (the files, the card's metadata, the token, that the endpoint answers), and
-    the commit removes the files an earlier push left on the branch that the folder no longer has. The card's usage
-    snippet is rewritten to name ``repo_id`` (and the branch) in the uploaded copy; out_dir itself is not changed.
+    the commit removes the files an earlier push left on the branch that the folder no longer has. The uploaded card
+    is rendered again from the template with ``repo_id`` (and the branch) in its usage snippet, from the values
+    export kept in it; a card edited after export goes up as it is. out_dir itself is not changed.
     The endpoint is huggingface_hub's (HF_ENDPOINT); the token is never written, printed or logged.
 
     Args:
@@ -980,7 +1082,9 @@ def push_to_hub(
                 info = api.model_info(repo_id, revision=branch)
             remote = [sibling.rfilename for sibling in info.siblings or []]
             stale = [path for path in remote if _pushed_before(path) and path not in names]
-            operations = [CommitOperationAdd(path_in_repo=n, path_or_fileobj=stage / n) for n in names]
+            operations: list[CommitOperationAdd | CommitOperationDelete] = [
+                CommitOperationAdd(path_in_repo=n, path_or_fileobj=stage / n) for n in names
+            ]
             operations += [CommitOperationDelete(path_in_repo=n) for n in stale]
             # parent_commit: the stale files were listed at this commit, so nobody else's may land in between
             commit = api.create_commit(
@@ -1033,7 +1137,7 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
 
 
 def _stage_upload(folder: Path, stage: Path, model_ref: str) -> list[str]:
-    """Copy the export files into stage, as regular files only; the card's snippet names the Hub repo."""
+    """Copy the export files into stage, as regular files only; the card is rendered again to name model_ref."""
     real, names, others = _export_files(folder)
     for name in names:
         _copy_regular(real / name, stage / name, folder / name)
@@ -1046,16 +1150,23 @@ def _stage_upload(folder: Path, stage: Path, model_ref: str) -> list[str]:
             text = path.read_text(encoding='utf-8')
         except UnicodeDecodeError as e:
             raise ValueError(f'{folder / CARD_NAME} is not UTF-8 text ({e}): fix it, or export again.') from e
-        text = _MODEL_REF.sub(f"'{model_ref}'", text)
         try:
-            ModelCard(text)  # the Hub's own parse of the metadata block
+            card = ModelCard(text)  # the Hub's own parse of the metadata block
         except (yaml.YAMLError, ValueError, TypeError, KeyError) as e:
             reason = ' '.join(str(e).split())
             raise ValueError(
                 f'{folder / CARD_NAME}: the card metadata (the YAML front matter between the --- lines) is invalid '
                 f'({reason}). Fix it, or export again; nothing was pushed.'
             ) from e
-        path.write_text(text, encoding='utf-8')
+        rendered = _render_for(card, text, model_ref)
+        if rendered is None:
+            _logger.warning(
+                '%s is not the card export wrote (edited since, or by an older timm-smallvit): it goes up as it is, '
+                'its usage snippet not rendered again for %s.',
+                folder / CARD_NAME,
+                model_ref,
+            )
+        path.write_text(text if rendered is None else rendered, encoding='utf-8')
     if others:
         _logger.warning('Not uploading %s: only %s go up.', others, ', '.join(EXPORT_FILES))
     return names
@@ -1084,28 +1195,62 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
 
     ``timm.create_model('hf-hub:user/name', pretrained=True)`` works after ``import timm_smallvit``; this does the
     same in one call. For 'hf-hub:' and 'local-dir:' names with pretrained=True it first checks config.json and
-    model.safetensors (architecture, num_classes, corrupt or truncated weights, shapes) and says what is wrong.
+    model.safetensors (architecture, num_classes, corrupt or truncated weights), then builds the model once, through
+    timm; when timm cannot load the export it says what does not fit (missing, unexpected or mis-shaped weights),
+    and without kwargs it demands that the model holds model.safetensors exactly (nothing resampled or dropped).
 
     Args:
         model_name: A smallvit name, 'hf-hub:user/name[@revision]', or 'local-dir:/path/to/export'.
         pretrained: Load the weights.
         **kwargs: Passed to timm.create_model (num_classes, in_chans, img_size, global_pool, ...).
     """
-    if pretrained and model_name.startswith('local-dir:'):
-        _check_folder(Path(model_name[len('local-dir:') :]))
-    elif pretrained and model_name.startswith('hf-hub:'):
+    if not pretrained or not model_name.startswith(('local-dir:', 'hf-hub:')):
+        return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+    if model_name.startswith('local-dir:'):
+        folder = Path(model_name[len('local-dir:') :])
+        real, _, _ = _export_files(folder)
+        config_path, weights_path, where = real / CONFIG_NAME, real / WEIGHTS_NAME, str(folder)
+    else:
         repo_id, revision = hf_split(model_name[len('hf-hub:') :])
-        config = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision))
-        weights = Path(hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision))
-        _check_files(config, weights, model_name)
-    return timm.create_model(model_name, pretrained=pretrained, **kwargs)
+        config_path = Path(hf_hub_download(repo_id, CONFIG_NAME, revision=revision))
+        weights_path = Path(hf_hub_download(repo_id, WEIGHTS_NAME, revision=revision))
+        where = model_name
+    config, state_dict = _read_export(config_path, weights_path, where)
+    try:
+        model = timm.create_model(model_name, pretrained=True, **kwargs)
+    except Exception:
+        # a broken export: the model config.json describes says which weights do not fit, in one line
+        _check_weights(config, state_dict, where)
+        raise
+    if not kwargs:  # no adaptation asked for: the weights timm loaded must be model.safetensors as it is
+        _load_strict(model, state_dict, f'{where}: the weights in model.safetensors', config['architecture'])
+    return model
 
 
 # ---- small helpers -------------------------------------------------------------------------------------------------
 
 
+def _as_smallvit(model: nn.Module, name: str) -> SmallViT:
+    # timm.create_model is typed to return nn.Module; every smallvit* name builds a SmallViT
+    if not isinstance(model, SmallViT):
+        raise TypeError(f'{name} built a {type(model).__name__}, not a SmallViT: is it a smallvit model?')
+    return model
+
+
+def _img_size(model: SmallViT) -> tuple[int, int]:
+    """The input size the model was built for (its patch embedding's img_size)."""
+    img_size = model.patch_embed.img_size
+    if img_size is None:
+        raise ValueError(f'{type(model).__name__} was built without an img_size: give one (img_size=N).')
+    return img_size
+
+
 def _first(*values: Any) -> Any:
     return next((v for v in values if v is not None), None)
+
+
+def _one_line(e: BaseException) -> str:
+    return ' '.join(str(e).split()) or type(e).__name__
 
 
 def _head(names: list[str], n: int = 4) -> str:
