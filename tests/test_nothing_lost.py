@@ -226,7 +226,8 @@ def _cli_error(capsys, recipe: Path, *extra: str) -> str:
         ('val_num_samples=-1', 'val_num_samples -1: expected a whole number of at least 1, or leave it unset'),
         ('train_num_samples=0', 'train_num_samples 0'),
         ('epochs=two', "epochs 'two'"),
-        ('num_classes=3', 'num_classes 3: torch/fashion_mnist has labels 0-9 (10 classes)'),
+        ('num_classes=3', 'num_classes 3: torch/fashion_mnist has 10 classes (T-shirt/top, Trouser,'),
+        ('num_classes=12', 'num_classes 12: torch/fashion_mnist has 10 classes'),
     ],
 )
 def test_bad_values_are_one_line_errors(setting, message, tmp_path, fmnist_src, capsys):

@@ -1,6 +1,7 @@
 """The quick trainer behind ``smallvit train``: timm's train.py recipe format, built from timm's own parts.
 
-It is for a CPU or a few GPUs and small in-memory datasets (Fashion-MNIST, CIFAR-10). Recipes are YAML files with
+It is for a CPU or a few GPUs and small in-memory datasets (an image folder, torch/mnist, torch/fashion_mnist,
+torch/cifar10, ...: :class:`~timm_smallvit.data.SmallImageDataset`). Recipes are YAML files with
 train.py's argument names, so the same file drives ``train.py --config``. The trainer honours the keys listed in
 :data:`TRAIN_PY_DEFAULTS` (with train.py's defaults) and the few of its own in :data:`QUICK_TRAINER_KEYS` (which
 train.py does not know: ``smallvit train-py`` warns that they go unused there), and refuses any other key by name
@@ -33,10 +34,16 @@ import yaml
 from timm.data import Mixup, resolve_data_config
 from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
-from timm.models import safe_model_name
+from timm.models import load_pretrained, load_state_dict, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
-from timm.task import ClassificationTask, LogitDistillationTask, load_task_ema_checkpoint, resume_task_checkpoint
+from timm.task import (
+    ClassificationTask,
+    LogitDistillationTask,
+    TrainingTask,
+    load_task_ema_checkpoint,
+    resume_task_checkpoint,
+)
 from timm.utils import (
     CheckpointSaver,
     NativeScaler,
@@ -47,7 +54,8 @@ from timm.utils import (
 )
 from tqdm import tqdm
 
-from .data import DATASETS, BatchAugment, BatchLoader, load_dataset
+from .data import TORCH_DATASETS, BatchAugment, BatchLoader, SmallImageDataset
+from .smallvit import SmallViT, checkpoint_filter_fn
 
 __all__ = [
     'QUICK_TRAINER_KEYS',
@@ -68,11 +76,16 @@ TRAIN_PY_DEFAULTS: dict[str, Any] = {
     'data_dir': None,
     'dataset': '',
     'dataset_download': False,
+    'train_split': 'train',
+    'val_split': 'validation',
+    'class_map': '',
     'input_img_mode': None,
     'train_num_samples': None,  # here: use only the first N training images
     'val_num_samples': None,  # here: evaluate on the first N test images
     # model
     'model': 'resnet50',
+    'pretrained': False,
+    'pretrained_path': None,
     'initial_checkpoint': '',
     'resume': '',
     'no_resume_opt': False,
@@ -192,8 +205,9 @@ TRAIN_PY_WITHOUT: dict[str, str] = {
 _BUDGET_MARGIN = 1.03
 
 
-# What timm's init_distributed_device adds to the args (and so to args.yaml), not recipe keys.
-_RUNTIME_KEYS = ('distributed', 'local_rank', 'rank', 'world_size')
+# What timm's init_distributed_device adds to the args (and so to args.yaml), and the dataset's class names (for
+# export's label_names): recorded in args.yaml, set again by every run that reads it as a recipe.
+_RUNTIME_KEYS = ('distributed', 'local_rank', 'rank', 'world_size', 'label_names')
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -234,10 +248,21 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
             f"with timm's train.py (`smallvit train-py` prints its command line)."
         )
     args = argparse.Namespace(**{**TRAIN_PY_DEFAULTS, **QUICK_TRAINER_KEYS, **merged})
-    if args.dataset not in DATASETS:
-        raise ValueError(f'dataset {args.dataset!r}: the quick trainer reads {", ".join(DATASETS)}.')
+    if args.dataset and args.dataset not in TORCH_DATASETS:
+        raise ValueError(
+            f"dataset {args.dataset!r}: the quick trainer reads an image folder (dataset: '', data_dir: the folder "
+            f'holding train/ and validation/) and {", ".join(TORCH_DATASETS)}.'
+        )
     if args.data_dir is None:
-        raise ValueError('data_dir is not set: point it at the dataset (Fashion-MNIST: the release *-ubyte.gz files).')
+        raise ValueError(
+            'data_dir is not set: point it at the image folder (train/<class>/<images>, validation/<class>/...) or '
+            "the torch/ dataset's files (Fashion-MNIST: the release *-ubyte.gz files)."
+        )
+    if args.pretrained_path and not args.pretrained:
+        raise ValueError(
+            f'pretrained_path {args.pretrained_path}: set pretrained: true as well (train.py loads it only then), or '
+            'use initial_checkpoint.'
+        )
     if args.amp and args.amp_dtype not in ('bfloat16', 'float16'):
         raise ValueError(f"amp_dtype {args.amp_dtype!r}: use 'bfloat16' or 'float16'.")
     budget = args.budget_minutes
@@ -258,10 +283,10 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
         )
     if args.kd_model_name and args.kd_distill_type != 'logit':
         raise ValueError(f'kd_distill_type {args.kd_distill_type!r}: the quick trainer distills logits only.')
-    if args.num_classes is None:
-        args.num_classes = len(DATASETS[args.dataset])
-    if args.dataset == 'torch/fashion_mnist' and args.in_chans is None and args.input_size is None:
-        args.in_chans = 1
+    if args.dataset and args.num_classes is None:
+        args.num_classes = TORCH_DATASETS[args.dataset][5]  # an image folder's: its class folders, in train()
+    if args.dataset and args.in_chans is None and args.input_size is None:
+        args.in_chans = TORCH_DATASETS[args.dataset][3]  # the dataset's own channels (train.py would take 3)
     if args.device == 'cuda' and not torch.cuda.is_available():
         if merged.get('device') == 'cuda':  # named in the recipe: sized for a GPU, hours on a CPU
             _logger.warning(
@@ -366,8 +391,11 @@ _OPTIMIZER_KEYS = frozenset(
 _RUN_FILES = ('summary.csv', '*.pth.tar')  # what makes a folder hold a run (args.yaml alone: it died before epoch 1)
 
 
-def _check_resume(args: argparse.Namespace) -> None:
-    """Check the resume checkpoint (readable, a training checkpoint, args it can honour) before anything is built."""
+def _check_resume(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the resume checkpoint (readable, a training checkpoint, args it can honour) before anything is built.
+
+    Returns the checkpoint's training args.
+    """
     path = Path(args.resume)
     if not path.is_file():
         raise FileNotFoundError(
@@ -404,6 +432,7 @@ def _check_resume(args: argparse.Namespace) -> None:
             f'resumed run cannot honour ({why}). Resume with {key}: {saved[key]!r}, or start a new run from its '
             f'weights with initial_checkpoint: {path}.'
         )
+    return saved
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -553,6 +582,85 @@ def _fit_to_budget(args: argparse.Namespace, epochs_done: int, elapsed_s: float)
     return fitted
 
 
+def _create_model(args: argparse.Namespace, in_chans: int) -> Any:  # a timm model: pretrained_cfg, num_classes, ...
+    """The model as train.py creates it, starting from trained weights where the recipe says so.
+
+    ``pretrained`` (a model name with pretrained weights, ``hf-hub:``/``local-dir:``, or ``pretrained_path``) and
+    ``initial_checkpoint`` load through timm's pretrained path: another num_classes resets the classifier, another
+    img_size resamples the position embedding, another in_chans adapts the input conv. A resumed run skips them: the
+    checkpoint brings its own weights.
+    """
+    factory_kwargs: dict[str, Any] = {}
+    if args.pretrained_path:  # train.py's: these weights as the pretrained ones, head always reset
+        factory_kwargs['pretrained_cfg_overlay'] = dict(file=args.pretrained_path, num_classes=-1)
+    pretrained = bool(args.pretrained) and not args.resume
+    if pretrained and args.pretrained_path and not Path(args.pretrained_path).is_file():
+        raise FileNotFoundError(f'pretrained_path {args.pretrained_path}: no such file.')
+    try:
+        model = timm.create_model(
+            args.model,
+            pretrained=pretrained,
+            in_chans=in_chans,
+            num_classes=args.num_classes,
+            drop_rate=args.drop,
+            drop_path_rate=args.drop_path,
+            global_pool=args.gp,
+            **factory_kwargs,
+            **args.model_kwargs,
+        )
+    except RuntimeError as e:
+        if 'No pretrained weights' not in str(e):
+            raise
+        named = ', '.join(timm.list_pretrained('smallvit*'))
+        raise ValueError(
+            f'pretrained: true, but {args.model} has no pretrained weights. Models with weights: {named}; or start '
+            'from your own with initial_checkpoint, model: local-dir:<folder> or hf-hub:<repo>.'
+        ) from None
+    if args.model.startswith(('hf-hub:', 'local-dir:')) and not pretrained and not args.resume:
+        _logger.warning(
+            f'{args.model}: training from random weights, as train.py does without --pretrained. Set pretrained: true '
+            'to start from its weights.'
+        )
+    if args.initial_checkpoint and not args.resume:
+        _load_initial_checkpoint(model, Path(args.initial_checkpoint))
+    return model
+
+
+def _load_initial_checkpoint(model: Any, path: Path) -> None:
+    # train.py loads initial_checkpoint strictly; here it goes through timm's pretrained path, which loads the same
+    # weights when they fit and adapts (as for pretrained weights) when num_classes, img_size or in_chans differ
+    if not path.is_file():
+        raise FileNotFoundError(f'initial_checkpoint {path}: no such file.')
+    try:
+        state_dict = load_state_dict(str(path))  # timm's: safetensors, state dicts and train.py checkpoints
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f'initial_checkpoint {path}: not a readable checkpoint ({first}).') from e
+    cfg = dict(model.pretrained_cfg, file=str(path))
+    head = state_dict.get('head.weight')
+    cfg['num_classes'] = head.shape[0] if head is not None else model.num_classes
+    first_conv = cfg.get('first_conv') or 'patch_embed.proj'
+    conv = state_dict.get(f'{first_conv}.weight')
+    if conv is not None:
+        cfg['input_size'] = (conv.shape[1], *(cfg.get('input_size') or (0, 0, 0))[1:])
+    try:
+        load_pretrained(model, cfg, num_classes=model.num_classes, in_chans=model.in_chans, filter_fn=_filter(model))
+    except (RuntimeError, ValueError, KeyError) as e:
+        first = str(e).strip().splitlines()[0]
+        raise ValueError(f'initial_checkpoint {path}: its weights do not fit {type(model).__name__} ({first}).') from e
+
+
+def _trainable(task: TrainingTask) -> torch.nn.Module:
+    module = task.get_trainable_module()
+    assert module is not None, 'a classification task always has a trainable model'
+    return module
+
+
+def _filter(model: torch.nn.Module) -> Callable | None:
+    # smallvit's filter (position / patch embedding resampling); other timm models get their own from timm
+    return checkpoint_filter_fn if isinstance(model, SmallViT) else None
+
+
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` (from :func:`resolve_args`) says.
 
@@ -569,23 +677,28 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     loss_scaler = NativeScaler() if args.amp and args.amp_dtype == 'float16' else None
     primary = is_primary(args)
     _resolve_lr(args)  # before the resume check: a recipe's lr_base gives the lr the checkpoint recorded
-    if args.resume:
-        _check_resume(args)
+    # the dataset is found and checked (folders listed, splits and classes matched) before anything is built
+    data = SmallImageDataset(
+        args.dataset,
+        args.data_dir,
+        train_split=args.train_split,
+        val_split=args.val_split,
+        class_map=args.class_map,
+        download=args.dataset_download,
+    )
+    if args.num_classes is None:
+        args.num_classes = len(data.classes or ())
+    resumed_args = _check_resume(args) if args.resume else {}
 
     in_chans = args.in_chans if args.in_chans is not None else (args.input_size[0] if args.input_size else 3)
-    model = timm.create_model(
-        args.model,
-        in_chans=in_chans,
-        num_classes=args.num_classes,
-        drop_rate=args.drop,
-        drop_path_rate=args.drop_path,
-        global_pool=args.gp,
-        checkpoint_path=args.initial_checkpoint or None,
-        **args.model_kwargs,
-    )
+    model = _create_model(args, in_chans)
     if args.grad_checkpointing:
         model.set_grad_checkpointing(True)
     data_config = resolve_data_config(vars(args), model=model, verbose=False)
+    built_for = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+    if args.img_size is None and args.input_size is None and built_for:
+        # timm's pretrained_cfg keeps the size the weights were made at; model_kwargs img_size builds another
+        data_config['input_size'] = (data_config['input_size'][0], *built_for)
     img_size = tuple(data_config['input_size'][1:])
     output_dir = _output_dir(args, img_size[-1]) if primary else None  # refused now, before data or training
     model.to(device)
@@ -595,22 +708,33 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         n_params = sum(p.numel() for p in model.parameters())
         _logger.info(f'Model {args.model} created, {n_params:,} parameters, input {data_config["input_size"]}')
 
-    train_x, train_y = load_dataset(args.dataset, args.data_dir, train=True, download=args.dataset_download)
-    eval_x, eval_y = load_dataset(args.dataset, args.data_dir, train=False, download=args.dataset_download)
+    data.check_memory(in_chans, img_size)
+    decode = dict(
+        in_chans=in_chans,
+        img_size=img_size,
+        input_img_mode=args.input_img_mode,
+        interpolation=data_config['interpolation'],
+        progress=primary,
+    )
+    train_split, eval_split = data.load('train', **decode), data.load('val', **decode)
+    train_x, train_y = train_split.images, train_split.labels
+    eval_x, eval_y = eval_split.images, eval_split.labels
+    args.label_names = list(train_split.classes)  # export writes them as config.json label_names
+    if resumed_args.get('label_names') not in (None, args.label_names):
+        raise ValueError(
+            f'resume {args.resume}: the checkpoint was trained on the classes {resumed_args["label_names"]}, but '
+            f'{data.name} now has {args.label_names}. Resume on the data it was trained on, or start a new run from '
+            f'its weights with initial_checkpoint: {args.resume}.'
+        )
     if args.train_num_samples:
         train_x, train_y = train_x[: args.train_num_samples], train_y[: args.train_num_samples]
     if args.val_num_samples:
         eval_x, eval_y = eval_x[: args.val_num_samples], eval_y[: args.val_num_samples]
-    n_labels = int(max(train_y.max(), eval_y.max())) + 1
-    if n_labels > args.num_classes:
+    if args.num_classes != len(train_split.classes):
+        shown = ', '.join(train_split.classes[:5]) + (', ...' if len(train_split.classes) > 5 else '')
         raise ValueError(
-            f'num_classes {args.num_classes}: {args.dataset} has labels 0-{n_labels - 1} ({n_labels} classes). '
-            f'Set num_classes: {n_labels}, or leave it unset.'
-        )
-    if train_x.shape[1] != in_chans:
-        raise ValueError(
-            f'{args.dataset} images have {train_x.shape[1]} channel(s) but the model takes {in_chans}: '
-            f'set in_chans: {train_x.shape[1]} (and input_img_mode) in the recipe.'
+            f'num_classes {args.num_classes}: {data.name} has {len(train_split.classes)} classes ({shown}). '
+            f'Set num_classes: {len(train_split.classes)}, or leave it unset.'
         )
     augment = None
     if not args.no_aug:
@@ -665,14 +789,14 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             label_smoothing=args.smoothing,
             num_classes=args.num_classes,
         )
-        train_loss_fn = SoftTargetCrossEntropy()
+        train_loss_fn: torch.nn.Module = SoftTargetCrossEntropy()
     elif args.smoothing:
         train_loss_fn = LabelSmoothingCrossEntropy(smoothing=args.smoothing)
     else:
         train_loss_fn = torch.nn.CrossEntropyLoss()
 
     if args.kd_model_name:
-        task = LogitDistillationTask(
+        task: TrainingTask = LogitDistillationTask(
             student_model=model,
             teacher_model=args.kd_model_name,
             criterion=train_loss_fn,
@@ -686,7 +810,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     else:
         task = ClassificationTask(model, criterion=train_loss_fn, device=device, verbose=primary)
 
-    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    optimizer = create_optimizer_v2(_trainable(task), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
     resume_epoch = None
     if args.resume:
         try:
@@ -736,6 +860,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     saver = None
     if primary:
+        assert output_dir is not None  # the primary process writes the run
         output_dir.mkdir(parents=True, exist_ok=True)
         saver = CheckpointSaver(
             model=task.get_trainable_module(),
@@ -766,7 +891,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             mixup_fn.mixup_enabled = False
         if augment is not None and args.crop_off_epoch and epoch >= args.crop_off_epoch:
             augment.scale = None  # whole images from here on; flip, jitter and erasing as before
-        trainable = task.get_trainable_module()
+        trainable = _trainable(task)
         trainable.train()
         loss_sum, loss_count, seen, t_epoch = 0.0, 0, 0, time.perf_counter()
         bar = tqdm(
@@ -817,11 +942,13 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         train_time = time.perf_counter() - t_epoch
 
         # with an EMA only the EMA is evaluated: its metrics are the ones recorded (as in train.py's summary), and
-        # a second pass over the test set for the raw weights cost 4% of a 28 px epoch for a number nobody saw
+        # a second pass over the test set for the raw weights would cost time for a number nobody sees
         eval_model = task.get_eval_model(ema=task.has_ema())
+        assert eval_model is not None
         eval_metrics = _evaluate(task, eval_model, loader_eval, args, device, amp_autocast)
         lrs = [group['lr'] for group in optimizer.param_groups]
         if primary:
+            assert output_dir is not None and saver is not None
             update_summary(
                 epoch,
                 train_metrics,
@@ -857,6 +984,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
                 lr_scheduler.step_update(num_updates=num_updates)
                 if primary:
+                    assert output_dir is not None
                     _write_args(output_dir, args)
                     _logger.info(
                         f'budget_minutes {args.budget_minutes}: {epoch + 1} epochs in {elapsed:.0f} s, '
