@@ -1,6 +1,6 @@
 """Distil a CNN teacher into a smallvit student on Fashion-MNIST: logit distillation through timm.task.
 
-    python scripts/distill.py --data ../shared/data/fashion-mnist --teacher docs/results/distill/teacher_resnet18.yaml \
+    python scripts/distill.py --data ../shared/data/fashion-mnist --teacher scripts/recipes/teacher_resnet18.yaml \
         --student fashion_mnist_28 --set epochs=34 --out results/distill
 
 1. trains the teacher recipe with `smallvit train`'s trainer (or takes --teacher-run, a finished run's folder);

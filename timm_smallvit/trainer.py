@@ -201,7 +201,7 @@ TRAIN_PY_WITHOUT: dict[str, str] = {
     'budget_minutes': "it trains the recipe's epochs, however long they take",
 }
 # The fitted schedule assumes each epoch takes this much longer than the mean so far: a VM's pace drifts within a
-# run (37-52 s epochs in one 28 px run here), and the epochs after the last refit are not measured.
+# run, and the epochs after the last refit are not measured.
 _BUDGET_MARGIN = 1.03
 
 
@@ -327,8 +327,8 @@ def _check_counts(args: argparse.Namespace) -> None:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively: AVX512-BF16 or AMX on x86, oneDNN's bf16 path elsewhere.
 
-    Without it PyTorch emulates bf16 matmuls, 4-100x slower than float32 (measured on an AVX2-only CPU); with
-    AVX512-BF16 its bf16 matmul peak was 2.2x the float32 peak on this project's CPU (scripts/benchmark.py).
+    Without it PyTorch emulates bf16 matmuls, several times slower than float32; with it bf16 is the faster path
+    (docs/benchmark.md has the measured peaks).
     """
     if platform.machine().lower() in ('x86_64', 'amd64', 'i386', 'i686'):
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
@@ -573,7 +573,7 @@ def _set_epochs(args: argparse.Namespace, planned: dict[str, int], epochs: int) 
 def _fit_to_budget(args: argparse.Namespace, epochs_done: int, elapsed_s: float) -> int:
     """The schedule's length in epochs that ends within ``args.budget_minutes``, at the pace of the epochs so far."""
     left = args.budget_minutes * 60 - elapsed_s
-    # the mean epoch so far, not the last one: in one run here the second epoch took 55 s, the ones after 47 s
+    # the mean epoch so far, not the last one: a single epoch's pace can be far from the run's
     fitted = epochs_done + max(0, math.floor(left / (elapsed_s / epochs_done * _BUDGET_MARGIN)))
     if args.distributed:  # every process must run the same schedule: the primary's measurement decides
         fitted_t = torch.tensor([fitted], dtype=torch.int64, device=args.device)
