@@ -186,6 +186,7 @@ def trained(tmp_path_factory, folder):
     return result, export
 
 
+@pytest.mark.slow
 def test_training_on_a_folder_learns_resumes_and_exports_the_folders_class_names(trained, folder, tmp_path):
     result, export = trained
     assert result['eval_metrics']['top1'] > 50  # chance is 10%
@@ -205,6 +206,7 @@ def test_training_on_a_folder_learns_resumes_and_exports_the_folders_class_names
     assert epochs == ['0', '1', '2', '3']
 
 
+@pytest.mark.slow
 def test_an_rgb_folder_at_32px_trains_a_3_channel_variant(tmp_path, release):
     root = tmp_path / 'rgb32'
     _write_folder(root, release[0], release[1], 'train', rgb=True)
@@ -224,6 +226,7 @@ def _five_classes(tmp_path: Path, folder: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_an_export_at_another_num_classes_and_img_size_starts_from_its_weights(
     trained, folder, tmp_path, monkeypatch
 ):
