@@ -10,7 +10,10 @@ For the seed shape (``smallvit``: 96 px, patch 16, width 512, depth 2) and a 28 
   and inference (``model.eval()`` under ``torch.inference_mode()``);
 - a large fp32 and bf16 matmul, the same-run peak that each config's achieved FLOP/s is a share of;
 - the conv-stem model of the 28 px recipes (``smallvit_tiny_convstem_28``) with its images and weights in the
-  default NCHW layout and in channels_last (NHWC, what ``channels_last: true`` in a recipe does), fp32 eager.
+  default NCHW layout and in channels_last (NHWC, what ``channels_last: true`` in a recipe does), fp32 eager;
+- with ``--recipes``, the shipped recipes' own training step and evaluation, run by ``smallvit train`` itself (bf16
+  autocast, channels_last, AdamW, EMA, the batch augmentation: whatever the recipe sets), with the model's FLOPs,
+  the share of the same-run peaks, and a torch.profiler table of the steps by operator.
 
 Each model runs as built, with its own defaults: timm's ViT with PyTorch's fused attention kernel and
 ``nn.Dropout``; smallvit with the explicit softmax attention under bf16 on the CPU (PyTorch's CPU flash kernel is
@@ -33,6 +36,7 @@ says what bf16 costs on the machine.
     python scripts/benchmark.py --quick         # a minute or so: 2 rounds, batch 1 and 8, no compile, small sweep
     python scripts/benchmark.py --no-compile --shapes 28px --batch-sizes 128 --rounds 7
     python scripts/benchmark.py --shapes --sweep-sizes --layout-batch-sizes 64 128 256   # only NCHW vs NHWC
+    python scripts/benchmark.py --shapes --sweep-sizes --layout-batch-sizes --recipes fashion_mnist_28   # a recipe
 """
 
 import argparse
@@ -386,6 +390,112 @@ def matmul_benches(dtype: torch.dtype, n: int) -> list[Bench]:
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# the recipes' own training step
+
+
+def recipe_run(name: str, data_dir: Path, steps: int, eval_batches: int, profile_steps: int) -> dict[str, Any]:
+    """One recipe's training step and evaluation as ``smallvit train`` runs them, timed and profiled.
+
+    The recipe runs as shipped (its model, batch size, bf16 autocast, channels_last, AdamW, EMA, batch
+    augmentation, mixup, flip test-time augmentation) for two epochs of ``steps`` steps on Fashion-MNIST; the second
+    epoch is timed, so the first pays the one-time costs (oneDNN kernel creation, the first allocations). Only
+    the length changes: no budget refit and no crop switch-off (the step is the cropping one). A third, short run
+    is profiled by operator (torch.profiler), its training steps only.
+    """
+    from timm_smallvit.launch import recipe_path
+    from timm_smallvit.trainer import _EPOCH_HOOKS, load_recipe, resolve_args, train
+
+    recipe = load_recipe(recipe_path(name))
+    batch = int(recipe.get('batch_size', 128))
+
+    def run(epochs: int, n_steps: int, n_eval: int) -> dict[str, Any]:
+        with tempfile.TemporaryDirectory(prefix='benchmark-recipe-') as out:
+            args = resolve_args(
+                recipe,
+                data_dir=str(data_dir),
+                output=out,
+                experiment=name,
+                epochs=epochs,
+                budget_minutes=0,
+                crop_off_epoch=0,
+                mixup_off_epoch=0,
+                train_num_samples=batch * n_steps,
+                val_num_samples=batch * n_eval,
+                log_interval=10**9,
+            )
+            return train(args)
+
+    result = run(2, steps, eval_batches)
+    timed = result['history'][-1]
+    model = result['model']
+    in_shape = tuple(result['data_config']['input_size'])
+    flops_train = count_flops(copy.deepcopy(model), in_shape, model.num_classes, 'train')
+    flops_infer = count_flops(copy.deepcopy(model), in_shape, model.num_classes, 'infer')
+    views = 2 if result['args'].eval_hflip else 1
+    eval_images = batch * eval_batches
+
+    events: list[Any] = []
+
+    def hook(epoch: int, phase: str) -> None:
+        if phase == 'train':
+            events.append(profile(activities=[ProfilerActivity.CPU]))
+            events[-1].__enter__()
+        else:
+            events[-1].__exit__(None, None, None)
+
+    _EPOCH_HOOKS.append(hook)
+    try:
+        run(1, profile_steps, 1)
+    finally:
+        _EPOCH_HOOKS.remove(hook)
+    table = events[-1].key_averages().table(sort_by='self_cpu_time_total', row_limit=15, max_name_column_width=48)
+    args = result['args']
+    return dict(
+        recipe=name,
+        model=args.model,
+        batch=batch,
+        amp=bool(args.amp),
+        channels_last=bool(args.channels_last),
+        ema=bool(args.model_ema),
+        eval_views=views,
+        train_images_per_s=timed['train_images'] / timed['train_time'],
+        eval_images_per_s=eval_images / timed['eval_time'],
+        flops_per_image_train=flops_train,
+        flops_per_image_infer=flops_infer,
+        profile_steps=profile_steps,
+        profile=table,
+    )
+
+
+def recipe_table(runs: list[dict[str, Any]], peaks: dict[str, float]) -> str:
+    rows = []
+    for r in runs:
+        train_flops = r['train_images_per_s'] * r['flops_per_image_train']
+        eval_flops = r['eval_images_per_s'] * r['eval_views'] * r['flops_per_image_infer']
+        dtype = 'bf16' if r['amp'] and 'bf16' in peaks else 'fp32'
+        rows.append([
+            r['recipe'], r['model'], str(r['batch']), dtype + (', NHWC' if r['channels_last'] else ''),
+            f'{r["flops_per_image_train"] / 1e9:.4f}', f'{r["train_images_per_s"]:,.0f}', f'{train_flops / 1e9:,.1f}',
+            f'{100 * train_flops / peaks[dtype]:.1f}%', f'{100 * train_flops / peaks["fp32"]:.1f}%',
+            f'{r["eval_images_per_s"]:,.0f}', f'{100 * eval_flops / peaks[dtype]:.1f}%',
+        ])  # fmt: skip
+    headers = ['recipe', 'model', 'batch', 'compute', 'train GFLOP/img', 'train img/s', 'train GFLOP/s',
+               'of its peak', 'of fp32 peak', 'eval img/s', 'eval of its peak']  # fmt: skip
+    out = [
+        "The recipes' own training step (`smallvit train`: its augmentation, optimizer, EMA, autocast and layout; the "
+        'second of two epochs) and evaluation (every view the recipe scores), with the share of the same-run matmul '
+        'peak of the dtype it computes in and of the fp32 peak. FLOPs: matmuls, convolutions and attention of the '
+        'forward and backward (FlopCounterMode).',
+        '',
+        md_table(headers, rows),
+    ]
+    for r in runs:
+        out += ['', f'Profile of {r["profile_steps"]} training steps of {r["recipe"]} (self CPU time by operator):', '']
+        out += ['```', r['profile'].rstrip(), '```']
+    return '\n'.join(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # measuring
 
 
@@ -674,6 +784,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument('--mm-size', type=int, help='fp32 matmul size for the peak (default 2048; quick 1024)')
     p.add_argument('--threads', type=int, help="torch threads (default: torch's own choice)")
     p.add_argument(
+        '--recipes',
+        nargs='*',
+        default=[],
+        help="time these recipes' own training step and evaluation (e.g. fashion_mnist_28); needs --data",
+    )
+    p.add_argument('--data', type=Path, default=Path('../shared/data/fashion-mnist'), help='Fashion-MNIST files')
+    p.add_argument('--recipe-steps', type=int, help='training steps per timed epoch (default 100; quick 4)')
+    p.add_argument('--recipe-eval-batches', type=int, help='evaluation batches per epoch (default 20; quick 1)')
+    p.add_argument('--profile-steps', type=int, help='training steps profiled (default 20; quick 2)')
+    p.add_argument(
         '--json', type=Path, default=Path('runs/benchmark/benchmark.json'), help='also writes .md next to it'
     )
     args = p.parse_args(argv)
@@ -687,6 +807,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         sweep_batch=2 if quick else 8,
         sweep_rounds=1 if quick else 3,
         mm_size=1024 if quick else 2048,
+        recipe_steps=4 if quick else 100,
+        recipe_eval_batches=1 if quick else 20,
+        profile_steps=2 if quick else 20,
     )
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -909,12 +1032,20 @@ def _run(args: argparse.Namespace, meta: dict[str, Any], header: list[str], t_st
         if _compiled_graphs() != graphs_before:
             log('WARNING: torch.compile recompiled during the timed rounds; compiled timings include compilation')
     benches += layout + sweep
+    recipes = []
+    for name in args.recipes:
+        log(f'recipe {name}: two epochs of {args.recipe_steps} steps, then {args.profile_steps} profiled')
+        recipes.append(recipe_run(name, args.data, args.recipe_steps, args.recipe_eval_batches, args.profile_steps))
 
     meta['load_average_end'] = os.getloadavg() if hasattr(os, 'getloadavg') else None
     meta['wall_s'] = time.perf_counter() - t_start
     text, peaks, targets = report(args, meta, header, benches)
+    if recipes:
+        text += '\n\n' + recipe_table(recipes, peaks)
     print('\n' + text, flush=True)
-    result = dict(meta=meta, peaks_flops_per_s=peaks, targets=targets, benches=[b.to_json() for b in benches])
+    result = dict(
+        meta=meta, peaks_flops_per_s=peaks, targets=targets, benches=[b.to_json() for b in benches], recipes=recipes
+    )
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=1) + '\n')
     args.json.with_suffix('.md').write_text(text + '\n')

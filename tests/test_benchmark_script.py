@@ -139,3 +139,23 @@ def test_options_and_warnings(bench):
     assert bench.parse_args(['--quick', '--compile']).compile
     assert bench.busy_warning(0.3, 2, 2) == ''
     assert '--threads 1' in bench.busy_warning(2.0, 2, 2)
+
+
+def test_a_recipes_own_step_is_timed_with_its_flops_share_and_profile(bench, tmp_path, capsys, fmnist_src):
+    out_json = tmp_path / 'bench.json'
+    threads = torch.get_num_threads()
+    argv = ['--quick', '--shapes', '--sweep-sizes', '--layout-batch-sizes', '--mm-size', '256', '--threads', '1']
+    argv += ['--recipes', 'fashion_mnist_demo', '--data', str(fmnist_src), '--json', str(out_json)]
+    try:
+        result = bench.main(argv)
+    finally:
+        torch.set_num_threads(threads)
+    out = capsys.readouterr().out
+    assert "The recipes' own training step" in out and 'Profile of 2 training steps of fashion_mnist_demo' in out
+    (run,) = result['recipes']
+    assert run['model'] == 'smallvit_tiny_convstem_28' and run['batch'] == 128 and run['channels_last']
+    assert run['train_images_per_s'] > 0 and run['eval_images_per_s'] > 0
+    # the counted FLOPs are the model's: a training step costs about three forward passes
+    assert 2.5 < run['flops_per_image_train'] / run['flops_per_image_infer'] < 3.5
+    assert 'aten::' in run['profile'] and 'convolution' in run['profile']
+    assert json.loads(out_json.read_text())['recipes'][0]['recipe'] == 'fashion_mnist_demo'

@@ -210,6 +210,11 @@ _BUDGET_MARGIN = 1.03
 _RUNTIME_KEYS = ('distributed', 'local_rank', 'rank', 'world_size', 'label_names')
 
 
+# Called with (epoch, 'train') before an epoch's training steps and (epoch, 'trained') after them: how
+# scripts/benchmark.py profiles the recipe's own training steps and nothing around them.
+_EPOCH_HOOKS: list[Callable[[int, str], None]] = []
+
+
 class NonFiniteLossError(FloatingPointError):
     """Training stopped because the loss became NaN or infinite."""
 
@@ -886,6 +891,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     epoch = start_epoch
     while epoch < num_epochs:  # budget_minutes can change num_epochs as the run goes
         loader_train.set_epoch(epoch)
+        for hook in _EPOCH_HOOKS:
+            hook(epoch, 'train')
         torch.manual_seed(args.seed + args.rank + 7919 * epoch)  # dropout etc.: a resumed run repeats this epoch
         if mixup_fn is not None and args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
             mixup_fn.mixup_enabled = False
@@ -934,6 +941,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                     img_s=f'{rate:.0f}',
                 )
         bar.close()
+        for hook in _EPOCH_HOOKS:
+            hook(epoch, 'trained')
         train_loss = torch.tensor([loss_sum / max(loss_count, 1)], device=device)
         if args.distributed:
             dist.all_reduce(train_loss)
@@ -945,7 +954,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         # a second pass over the test set for the raw weights would cost time for a number nobody sees
         eval_model = task.get_eval_model(ema=task.has_ema())
         assert eval_model is not None
+        t_eval = time.perf_counter()
         eval_metrics = _evaluate(task, eval_model, loader_eval, args, device, amp_autocast)
+        eval_time = time.perf_counter() - t_eval
         lrs = [group['lr'] for group in optimizer.param_groups]
         if primary:
             assert output_dir is not None and saver is not None
@@ -965,7 +976,15 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 + f'({train_time:.0f}s, {seen / train_time:.0f} img/s)'
             )
         history.append(
-            dict(epoch=epoch, wall_time=time.perf_counter() - t_start, train_loss=train_metrics['loss'], **eval_metrics)
+            dict(
+                epoch=epoch,
+                wall_time=time.perf_counter() - t_start,
+                train_time=train_time,
+                train_images=seen,
+                eval_time=eval_time,
+                train_loss=train_metrics['loss'],
+                **eval_metrics,
+            )
         )
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
