@@ -1,7 +1,7 @@
 """Small Vision Transformers, registered in timm as the ``smallvit*`` family.
 
 ``smallvit`` is the Vision Transformer of the "Vision Transformers" chapter of Dive into Deep Learning
-(d2l.ai, section 11.8), written with timm's layers. An image goes through these parts:
+(d2l.ai, section 11.8), built as timm's ``VisionTransformer`` from this module's parts. An image goes through:
 
     PatchEmbed    conv with kernel = stride = patch size, with bias        (B, C, H, W) -> (B, N, D)
     prefix        class token, then a learnable position embedding for N + 1 tokens, then dropout
@@ -15,55 +15,38 @@ With the class token as the pooled feature, ``forward`` runs the last block for 
 every token's key and value, then its MLP): the head reads nothing else, so the logits are the same for about 40%
 less work at the seed shape. ``forward_features`` returns every token, as in timm (see ``trim_last_block``).
 
-The state dict uses the key names and shapes of timm's ``VisionTransformer``, so weights move either way: the seed
-is ``VisionTransformer(qkv_bias=False, norm_layer=partial(LayerNorm, eps=1e-5))`` with its attention output
-projection bias at zero. See :func:`to_vision_transformer` and :func:`checkpoint_filter_fn`.
+:class:`SmallViT` subclasses timm's ``VisionTransformer`` and overrides little more than ``forward``, so the state
+dict has its key names and shapes, and weights move either way: the seed is ``VisionTransformer(qkv_bias=False,
+norm_layer=partial(LayerNorm, eps=1e-5))`` with its attention output projection bias at zero. See
+:func:`to_vision_transformer` and :func:`checkpoint_filter_fn`.
 """
 
 import contextlib
 import hashlib
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, cast
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import Attention as TimmAttention
-from timm.layers import (
-    ConvNormAct,
-    DropPath,
-    LayerNorm,
-    Mlp,
-    PatchEmbed,
-    calculate_drop_path_rates,
-    register_notrace_function,
-    resample_abs_pos_embed,
-    to_2tuple,
-    trunc_normal_,
-)
+from timm.layers import ConvNormAct, LayerNorm, register_notrace_function, to_2tuple
+from timm.layers import Mlp as TimmMlp
+from timm.layers import PatchEmbed as TimmPatchEmbed
 from timm.layers.attention import maybe_add_mask, resolve_self_attn_mask
 from timm.models import (
     build_model_with_cfg,
     checkpoint,
-    checkpoint_seq,
     generate_default_cfgs,
     list_pretrained,
-    named_apply,
     register_model,
     resolve_pretrained_cfg,
 )
-
-# timm has no public name for these (timm 1.0.31): pyproject pins timm below 1.1
-from timm.models._features import feature_take_indices
-from timm.models._input import update_model_args, update_model_input_size
-from timm.models.vision_transformer import (
-    VisionTransformer,
-    global_pool_nlc,
-    init_weights_vit_timm,
-)
+from timm.models.vision_transformer import Block as TimmBlock
+from timm.models.vision_transformer import VisionTransformer
 from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoint_filter_fn
 from torch.jit import Final
 
@@ -113,6 +96,21 @@ def check_input(x: torch.Tensor, in_chans: int, img_size: tuple[int, int] | None
         )
 
 
+class PatchEmbed(TimmPatchEmbed):
+    """timm's PatchEmbed, checking its input with :func:`check_input` first.
+
+    The check is a forward pre-hook: a ``forward`` calling ``super().forward`` would not compile in TorchScript.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.register_forward_pre_hook(_check_patch_embed_input)
+
+
+def _check_patch_embed_input(module: PatchEmbed, args: tuple[torch.Tensor]) -> None:
+    check_input(args[0], module.proj.in_channels, module.img_size, module.strict_img_size)
+
+
 class ConvStem(nn.Module):
     """Patch embedding by a few 3x3 convolutions instead of one large-kernel conv.
 
@@ -120,7 +118,8 @@ class ConvStem(nn.Module):
     locality a patchify conv lacks, which pays on small data. ``stem_chs`` conv-BN-GELU layers (stride 1 or 2),
     then a stride-2 conv to ``embed_dim``; the patch size is the total stride. With channels (16, 32, 64) and
     strides (1, 2, 2) a 28 px image becomes a 4x4 grid (28 -> 28 -> 14 -> 7 -> 4). Same interface as timm's
-    PatchEmbed.
+    PatchEmbed (timm's ViT builds it as its ``embed_layer``); it checks its input with :func:`check_input` first.
+    ``patch_size``, if given, must be the total stride; ``dynamic_img_pad`` has nothing to do (each stride-2 conv pads).
     """
 
     def __init__(
@@ -132,11 +131,15 @@ class ConvStem(nn.Module):
         stem_strides: tuple[int, ...] | None = None,
         output_fmt: str | None = None,
         strict_img_size: bool = True,
+        patch_size: int | tuple[int, int] | None = None,
+        bias: bool = True,
+        dynamic_img_pad: bool = False,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
         dd: dict[str, Any] = {'device': device, 'dtype': dtype}
+        self.in_chans = in_chans
         stem_strides = stem_strides or (2,) * len(stem_chs)
         if len(stem_strides) != len(stem_chs) or not set(stem_strides) <= {1, 2}:
             raise ValueError(f'stem_strides {stem_strides}: one stride, 1 or 2, per stem channel count {stem_chs}.')
@@ -146,9 +149,11 @@ class ConvStem(nn.Module):
             layers.append(ConvNormAct(chs, out_chs, kernel_size=3, stride=s, padding=1, act_layer=nn.GELU, **dd))
             chs = out_chs
         self.stem = nn.Sequential(*layers)
-        self.proj = nn.Conv2d(chs, embed_dim, kernel_size=3, stride=2, padding=1, **dd)
+        self.proj = nn.Conv2d(chs, embed_dim, kernel_size=3, stride=2, padding=1, bias=bias, **dd)
         stride = 2 * math.prod(stem_strides)
         self.patch_size = (stride, stride)
+        if patch_size is not None and tuple(to_2tuple(patch_size)) != self.patch_size:
+            raise ValueError(f'This conv stem has a total stride of {stride}: patch_size.')
         self.flatten = output_fmt is None
         self.output_nhwc = output_fmt == 'NHWC'
         self.strict_img_size = strict_img_size
@@ -175,6 +180,7 @@ class ConvStem(nn.Module):
             self.num_patches = self.grid_size[0] * self.grid_size[1]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        check_input(x, self.in_chans, self.img_size, self.strict_img_size)
         x = self.proj(self.stem(x))  # (B, D, H', W')
         if self.flatten:
             x = x.flatten(2).transpose(1, 2)  # (B, N, D)
@@ -300,65 +306,73 @@ class Attention(TimmAttention):
         return self.proj_drop(self.proj(x))
 
 
-class Block(nn.Module):
-    """Pre-norm transformer block of the seed: attention without projection biases, MLP with them."""
+_SEED_LAYER_NORM = partial(LayerNorm, eps=1e-5)
+
+
+class Mlp(TimmMlp):
+    """timm's Mlp with biases on both linear layers, drawing its dropout masks with :func:`dropout`.
+
+    timm's ViT Block hands its MLP ``bias=proj_bias``, the attention output projection's setting. The seed has MLP
+    biases and no attention output bias, so ``bias`` is not read here: both linear layers always have one.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **{**kwargs, 'bias': True})
+        self.drop1, self.drop2 = Dropout(self.drop1.p), Dropout(self.drop2.p)
+
+
+class Block(TimmBlock):
+    """timm's pre-norm ViT block with the seed's parts, and :meth:`forward_prefix` for the trimmed last block.
+
+    Defaults are the seed's: :class:`Attention` without output projection bias, :class:`Mlp` (with biases),
+    LayerNorm eps 1e-5. The attention output has no dropout (``proj_drop`` is the MLP's only): d2l drops out the
+    attention weights and each MLP layer's output, where timm's block also drops out the attention output.
+    """
+
+    if TYPE_CHECKING:  # the parts as built here (timm types them nn.Module); for the type checker only, as below
+        attn: Attention
+        mlp: Mlp
 
     def __init__(
         self,
         dim: int,
         num_heads: int,
-        mlp_ratio: float = 4.0,
-        qkv_bias: bool = False,
+        *,
         proj_bias: bool = False,
-        proj_drop: float = 0.0,
-        attn_drop: float = 0.0,
-        drop_path: float = 0.0,
-        norm_eps: float = 1e-5,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
+        norm_layer: type[nn.Module] | Callable[..., nn.Module] = _SEED_LAYER_NORM,
+        mlp_layer: type[nn.Module] = Mlp,
+        attn_layer: type[nn.Module] = Attention,
+        **kwargs: Any,
     ) -> None:
-        """
-        Args:
-            dim: Token width.
-            num_heads: Attention heads; dim must divide evenly.
-            mlp_ratio: MLP hidden width over dim.
-            qkv_bias: Bias on the q/k/v projection (the seed has none).
-            proj_bias: Bias on the attention output projection (the seed has none).
-            proj_drop: Dropout after each MLP linear layer.
-            attn_drop: Dropout on the attention weights.
-            drop_path: Stochastic depth rate of both residual branches.
-            norm_eps: LayerNorm epsilon.
-            device: Device of the parameters (timm's factory argument).
-            dtype: Dtype of the parameters (timm's factory argument).
-        """
-        super().__init__()
-        dd: dict[str, Any] = {'device': device, 'dtype': dtype}
-        self.norm1 = LayerNorm(dim, eps=norm_eps, **dd)
-        self.attn = Attention(
-            dim, num_heads=num_heads, qkv_bias=qkv_bias, proj_bias=proj_bias, attn_drop=attn_drop, **dd
+        super().__init__(
+            dim,
+            num_heads,
+            proj_bias=proj_bias,
+            norm_layer=norm_layer,  # type: ignore[arg-type]  # timm annotates a class, and takes a partial too
+            mlp_layer=mlp_layer,
+            attn_layer=attn_layer,
+            **kwargs,
         )
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-        self.norm2 = LayerNorm(dim, eps=norm_eps, **dd)
-        self.mlp = Mlp(dim, hidden_features=int(dim * mlp_ratio), act_layer=nn.GELU, drop=proj_drop, **dd)
-        self.mlp.drop1, self.mlp.drop2 = Dropout(proj_drop), Dropout(proj_drop)
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self.drop_path1(self.attn(self.norm1(x)))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
-        return x
+        self.attn.proj_drop = Dropout(0.0)
 
     def forward_prefix(self, x: torch.Tensor, num_tokens: int) -> torch.Tensor:
         """``forward(x)[:, :num_tokens]``, computing the attention output and the MLP for those tokens only."""
-        x = x[:, :num_tokens] + self.drop_path1(self.attn.forward_prefix(self.norm1(x), num_tokens))
-        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        x = x[:, :num_tokens] + self.drop_path1(self.ls1(self.attn.forward_prefix(self.norm1(x), num_tokens)))
+        x = x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
         return x
 
 
-class SmallViT(nn.Module):
-    """Vision Transformer for small images, the seed model of d2l.ai's chapter 11.8 in timm's terms."""
+class SmallViT(VisionTransformer):
+    """Vision Transformer for small images, the seed model of d2l.ai's chapter 11.8, as a timm ``VisionTransformer``.
 
-    dynamic_img_size: Final[bool]
+    timm's ViT code throughout, built from this module's parts (:class:`PatchEmbed` or :class:`ConvStem`,
+    :class:`Block`, :class:`Attention`, :class:`Mlp`, :class:`Dropout`). Overridden: ``forward``, which computes the
+    last block for the class token alone when nothing can see the other tokens (``trim_last_block``);
+    ``reset_classifier``, for the pooling aliases; ``no_weight_decay``, naming only parameters the model has.
+    """
+
+    # TorchScript reads the annotations of the class itself only, once it has any: timm's constant is named again
+    dynamic_img_size: Final[bool]  # type: ignore[misc]  # mypy: "cannot override final attribute"
     trim_last_block: Final[bool]
     if TYPE_CHECKING:  # for the type checker only: a class annotation would become a TorchScript attribute type
         pretrained_cfg: dict[str, Any]  # set by timm's build_model_with_cfg
@@ -407,7 +421,7 @@ class SmallViT(nn.Module):
             num_heads: Attention heads per block.
             mlp_ratio: MLP hidden width over embed_dim.
             qkv_bias: Bias on the q/k/v projection.
-            proj_bias: Bias on the attention output projection.
+            proj_bias: Bias on the attention output projection (the MLP layers always have biases).
             class_token: Prepend a class token.
             stem_chs: Channels of a conv stem (:class:`ConvStem`) that replaces the patchify conv; patch_size must
                 then be its total stride.
@@ -434,89 +448,49 @@ class SmallViT(nn.Module):
             device: Device to create the parameters on, as timm's create_model(..., device=...) passes it.
             dtype: Dtype of the parameters, as timm's create_model(..., dtype=...) passes it.
         """
-        super().__init__()
-        dd: dict[str, Any] = {'device': device, 'dtype': dtype}
-        global_pool = resolve_global_pool(global_pool, class_token)
-        use_fc_norm = global_pool in ('avg', 'max', 'avgmax') if fc_norm is None else fc_norm
-
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.global_pool = global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.num_prefix_tokens = 1 if class_token else 0
-        self.has_class_token = class_token
-        self.no_embed_class = False  # the position embedding covers the class token, as in the seed
-        self.dynamic_img_size = dynamic_img_size
-        self.trim_last_block = trim_last_block
-        self.grad_checkpointing = False
-
-        embed_args: dict[str, Any] = {}
-        if dynamic_img_size:
-            # keep the patch grid (NHWC) until the position embedding is resampled to it
-            embed_args.update(strict_img_size=False, output_fmt='NHWC')
-        self.patch_embed: ConvStem | PatchEmbed
-        if stem_chs:
-            strides = tuple(stem_strides or (2,) * len(stem_chs))
-            self.patch_embed = ConvStem(
-                to_2tuple(img_size), in_chans, embed_dim, tuple(stem_chs), strides, **embed_args, **dd
-            )
-            if to_2tuple(patch_size) != self.patch_embed.patch_size:
-                raise ValueError(f'This conv stem has a total stride of {self.patch_embed.patch_size[0]}: patch_size.')
-        else:
-            self.patch_embed = PatchEmbed(
-                img_size=img_size,
-                patch_size=patch_size,  # type: ignore[arg-type]  # timm annotates int, and takes (h, w) too (to_2tuple)
-                in_chans=in_chans,
-                embed_dim=embed_dim,
-                dynamic_img_pad=dynamic_img_pad,
-                **embed_args,
-                **dd,
-            )
-        num_patches = self.patch_embed.num_patches
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim, **dd)) if class_token else None
-        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + self.num_prefix_tokens, embed_dim, **dd))
-        self.pos_drop = Dropout(pos_drop_rate)
-
-        # an int depth gives the per-block rates, a list of floats (stage depths would give lists of lists)
-        dpr = cast(list[float], calculate_drop_path_rates(drop_path_rate, depth))
-        self.blocks = nn.Sequential(
-            *[
-                Block(
-                    embed_dim,
-                    num_heads,
-                    mlp_ratio=mlp_ratio,
-                    qkv_bias=qkv_bias,
-                    proj_bias=proj_bias,
-                    proj_drop=proj_drop_rate,
-                    attn_drop=attn_drop_rate,
-                    drop_path=dpr[i],
-                    norm_eps=norm_eps,
-                    **dd,
-                )
-                for i in range(depth)
-            ]
-        )
-        if fused_attn is not None:
-            self.set_fused_attn(fused_attn)
-        reduction = self.patch_embed.feat_ratio()
-        self.feature_info = [dict(module=f'blocks.{i}', num_chs=embed_dim, reduction=reduction) for i in range(depth)]
-
-        self.norm = LayerNorm(embed_dim, eps=norm_eps, **dd) if not use_fc_norm else nn.Identity()
-        self.fc_norm = LayerNorm(embed_dim, eps=norm_eps, **dd) if use_fc_norm else nn.Identity()
-        self.head_drop = Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes, **dd) if num_classes > 0 else nn.Identity()
-
         if weight_init not in ('', 'skip'):
             raise ValueError(f"Unknown weight_init {weight_init!r}; valid: '' (timm's ViT init) or 'skip'.")
-        if weight_init != 'skip':
-            self.init_weights()
-
-    def init_weights(self) -> None:
-        """timm's ViT init: truncated normal (std 0.02) for linear layers and the position embedding."""
-        trunc_normal_(self.pos_embed, std=0.02)
-        if self.cls_token is not None:
-            nn.init.normal_(self.cls_token, std=1e-6)
-        named_apply(partial(init_weights_vit_timm, needs_reset=False), self)
+        pool = resolve_global_pool(global_pool, class_token)
+        embed_layer: Callable[..., nn.Module] = PatchEmbed
+        if stem_chs:
+            embed_layer = partial(
+                ConvStem, stem_chs=tuple(stem_chs), stem_strides=tuple(stem_strides) if stem_strides else None
+            )
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            in_chans=in_chans,
+            num_classes=num_classes,
+            global_pool=pool,
+            embed_dim=embed_dim,
+            depth=depth,
+            num_heads=num_heads,
+            mlp_ratio=mlp_ratio,
+            qkv_bias=qkv_bias,
+            proj_bias=proj_bias,
+            class_token=class_token,
+            fc_norm=fc_norm,
+            dynamic_img_size=dynamic_img_size,
+            dynamic_img_pad=dynamic_img_pad,
+            drop_rate=drop_rate,
+            pos_drop_rate=pos_drop_rate,
+            proj_drop_rate=proj_drop_rate,
+            attn_drop_rate=attn_drop_rate,
+            drop_path_rate=drop_path_rate,
+            weight_init='skip' if weight_init == 'skip' else '',
+            embed_layer=embed_layer,
+            norm_layer=partial(LayerNorm, eps=norm_eps),
+            block_fn=Block,
+            mlp_layer=Mlp,
+            attn_layer=Attention,
+            device=device,
+            dtype=dtype,
+        )
+        self.pos_drop = Dropout(pos_drop_rate)
+        self.head_drop = Dropout(drop_rate)
+        self.trim_last_block = trim_last_block
+        if fused_attn is not None:
+            self.set_fused_attn(fused_attn)
 
     @torch.jit.ignore
     def set_fused_attn(self, enable: bool = True) -> None:
@@ -526,177 +500,22 @@ class SmallViT(nn.Module):
 
     @torch.jit.ignore
     def no_weight_decay(self) -> set[str]:
-        return {'pos_embed', 'cls_token'} if self.cls_token is not None else {'pos_embed'}
-
-    @torch.jit.ignore
-    def group_matcher(self, coarse: bool = False) -> dict[str, Any]:
-        return dict(
-            stem=r'^cls_token|pos_embed|patch_embed',
-            blocks=[(r'^blocks\.(\d+)', None), (r'^norm', (99999,))],
-        )
-
-    @torch.jit.ignore
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
-
-    @torch.jit.ignore
-    def get_classifier(self) -> nn.Module:
-        return self.head
+        """timm's names, less those this model has no parameter for (register and distillation tokens)."""
+        params = dict(self.named_parameters())
+        return {name for name in super().no_weight_decay() if name in params}
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        """Replace the classifier (num_classes=0 removes it) and optionally the pooling.
-
-        The final norm keeps its place (before or after pooling) from construction, as in timm.
-        """
+        """timm's, also taking the pooling aliases 'cls' and 'mean' (and failing with the valid names listed)."""
         if global_pool is not None:
-            self.global_pool = resolve_global_pool(global_pool, self.has_class_token)  # raises before any change
-            update_model_args(self, fc_norm=not isinstance(self.fc_norm, nn.Identity))
-        self.num_classes = num_classes
-        device, dtype = self.pos_embed.device, self.pos_embed.dtype
-        self.head = (
-            nn.Linear(self.embed_dim, num_classes, device=device, dtype=dtype) if num_classes > 0 else nn.Identity()
-        )
-        self.head.train(self.training)
-
-    @torch.jit.ignore
-    def set_input_size(
-        self,
-        img_size: tuple[int, int] | None = None,
-        patch_size: tuple[int, int] | None = None,
-    ) -> None:
-        """Change the input size (and patch size), resampling the position embedding to the new grid."""
-        prev_grid_size = self.patch_embed.grid_size
-        self.patch_embed.set_input_size(img_size=img_size, patch_size=patch_size)
-        new_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
-        if new_tokens != self.pos_embed.shape[1] or self.patch_embed.grid_size != prev_grid_size:
-            self.pos_embed = nn.Parameter(
-                resample_abs_pos_embed(
-                    self.pos_embed,
-                    new_size=self.patch_embed.grid_size,
-                    old_size=prev_grid_size,
-                    num_prefix_tokens=self.num_prefix_tokens,
-                ),
-                requires_grad=self.pos_embed.requires_grad,
-            )
-        update_model_input_size(self, self.patch_embed.img_size, patch_size=patch_size)
-
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        if self.dynamic_img_size:
-            B, H, W, C = x.shape
-            pos_embed = resample_abs_pos_embed(
-                self.pos_embed,
-                new_size=(H, W),
-                old_size=self.patch_embed.grid_size,
-                num_prefix_tokens=self.num_prefix_tokens,
-            )
-            x = x.view(B, -1, C)
-        else:
-            pos_embed = self.pos_embed
-        if self.cls_token is not None:
-            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
-        return self.pos_drop(x + pos_embed)
-
-    def forward_intermediates(
-        self,
-        x: torch.Tensor,
-        indices: int | list[int] | None = None,
-        return_prefix_tokens: bool = False,
-        norm: bool = False,
-        stop_early: bool = False,
-        output_fmt: str = 'NCHW',
-        intermediates_only: bool = False,
-    ) -> list[torch.Tensor] | tuple[torch.Tensor, list[torch.Tensor]]:
-        """Forward features, also returning the outputs of the chosen blocks.
-
-        Args:
-            x: Input images.
-            indices: Take the last n blocks if an int, all if None, else the listed indices.
-            return_prefix_tokens: Return (spatial, prefix) pairs for each intermediate.
-            norm: Apply the final norm to each intermediate.
-            stop_early: Stop after the last block wanted.
-            output_fmt: 'NCHW' (feature maps) or 'NLC' (tokens).
-            intermediates_only: Return only the intermediates.
-        """
-        assert output_fmt in ('NCHW', 'NLC'), 'Output format must be one of NCHW or NLC.'
-        reshape = output_fmt == 'NCHW'
-        intermediates = []
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-
-        tokens = self._embed(x)  # checks the input first
-        B, _, height, width = x.shape
-        x = tokens
-        if torch.jit.is_scripting() or not stop_early:  # blocks can't be sliced in torchscript
-            blocks = self.blocks
-        else:
-            blocks = self.blocks[: max_index + 1]
-        for i, blk in enumerate(blocks):
-            if self.grad_checkpointing and not torch.jit.is_scripting():
-                x = checkpoint(blk, x)
-            else:
-                x = blk(x)
-            if i in take_indices:
-                intermediates.append(self.norm(x) if norm else x)
-
-        if self.num_prefix_tokens:
-            prefix_tokens = [y[:, 0 : self.num_prefix_tokens] for y in intermediates]
-            intermediates = [y[:, self.num_prefix_tokens :] for y in intermediates]
-        else:
-            prefix_tokens = None
-        if reshape:
-            H, W = self.patch_embed.dynamic_feat_size((height, width))
-            intermediates = [y.reshape(B, H, W, -1).permute(0, 3, 1, 2).contiguous() for y in intermediates]
-        if not torch.jit.is_scripting() and return_prefix_tokens and prefix_tokens is not None:
-            intermediates = list(zip(intermediates, prefix_tokens, strict=True))
-
-        if intermediates_only:
-            return intermediates
-        x = self.norm(x)
-        return x, intermediates
-
-    @torch.jit.ignore
-    def prune_intermediate_layers(
-        self,
-        indices: int | list[int] = 1,
-        prune_norm: bool = False,
-        prune_head: bool = True,
-    ) -> list[int]:
-        """Drop the blocks (and optionally norm and head) that the chosen intermediates don't need."""
-        take_indices, max_index = feature_take_indices(len(self.blocks), indices)
-        self.blocks = self.blocks[: max_index + 1]
-        if prune_norm:
-            self.norm = nn.Identity()
-        if prune_head:
-            self.fc_norm = nn.Identity()
-            self.reset_classifier(0, '')
-        return take_indices
-
-    def _embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Images to the tokens the first block reads: patches, class token, position embedding."""
-        check_input(x, self.in_chans, self.patch_embed.img_size, self.patch_embed.strict_img_size)
-        x = self.patch_embed(x)  # (B, N, D), or (B, H', W', D) with dynamic_img_size
-        return self._pos_embed(x)  # (B, 1 + N, D)
-
-    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._embed(x)
-        if self.grad_checkpointing and not torch.jit.is_scripting():
-            x = checkpoint_seq(self.blocks, x)
-        else:
-            x = self.blocks(x)
-        return self.norm(x)
-
-    def pool(self, x: torch.Tensor, pool_type: str | None = None) -> torch.Tensor:
-        pool_type = self.global_pool if pool_type is None else pool_type
-        return global_pool_nlc(x, pool_type=pool_type, num_prefix_tokens=self.num_prefix_tokens)
-
-    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        x = self.pool(x)  # (B, D)
-        x = self.fc_norm(x)
-        x = self.head_drop(x)
-        return x if pre_logits else self.head(x)
+            global_pool = resolve_global_pool(global_pool, self.has_class_token)  # raises before any change
+        super().reset_classifier(num_classes, global_pool)
 
     def _forward_class_token(self, x: torch.Tensor) -> torch.Tensor:
         """``forward_features(x)[:, :1]``, with the last block computing the class token's output alone."""
-        x = self._embed(x)  # (B, 1 + N, D)
+        x = self.patch_embed(x)
+        x = self._pos_embed(x)  # (B, 1 + N, D)
+        x = self.patch_drop(x)
+        x = self.norm_pre(x)
         last = len(self.blocks) - 1
         for i, blk in enumerate(self.blocks):
             if self.grad_checkpointing and not torch.jit.is_scripting():
@@ -707,11 +526,19 @@ class SmallViT(nn.Module):
                 x = blk(x) if i < last else blk.forward_prefix(x, 1)  # type: ignore[operator]
         return self.norm(x)  # (B, 1, D)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+    ) -> torch.Tensor:
         trim = False
-        if self._trims() and not torch.jit.is_scripting():
+        if self._trims() and attn_mask is None and not is_causal and not torch.jit.is_scripting():
             trim = self._unobserved(x)
-        x = self._forward_class_token(x) if trim else self.forward_features(x)
+        if trim:
+            x = self._forward_class_token(x)
+        else:
+            x = self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
         return self.forward_head(x)
 
     def _trims(self) -> bool:
@@ -823,7 +650,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: SmallViT) -> dict[st
     if 'pos_embedding' in state_dict:
         state_dict = convert_d2l_state_dict(state_dict)
     # timm's ViT filter reads only what SmallViT shares with VisionTransformer (patch_embed, pos_embed, prefix tokens)
-    state_dict = _vit_checkpoint_filter_fn(state_dict, model)  # type: ignore[arg-type]
+    state_dict = _vit_checkpoint_filter_fn(state_dict, model)
 
     blocks = _blocks(model)
     model_has_proj_bias = bool(blocks) and blocks[0].attn.proj.bias is not None
