@@ -20,6 +20,7 @@ def bench():
     return module
 
 
+@pytest.mark.slow
 def test_tiny_run_prints_tables_and_writes_json(bench, tmp_path, capsys):
     out_json = tmp_path / 'bench.json'
     threads = torch.get_num_threads()

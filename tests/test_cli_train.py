@@ -68,6 +68,7 @@ def test_cli_train_refuses_unknown_keys_without_a_traceback(tmp_path, fmnist_src
     assert not any(tmp_path.glob('*/args.yaml'))
 
 
+@pytest.mark.slow
 def test_torchrun_two_cpu_processes_match_one_process(tmp_path, fmnist_src):
     """2 processes x batch 32 (gloo, DDP) take the same steps as 1 process x batch 64."""
     # with a budget that all 3 epochs fit: the processes agree on the fitted length (a broadcast) after epoch 1

@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import timm
 
 from timm_smallvit.demo import run_demo
@@ -9,6 +10,7 @@ from timm_smallvit.launch import recipe_path
 from timm_smallvit.trainer import load_recipe
 
 
+@pytest.mark.slow
 def test_demo_trains_exports_and_reloads(tmp_path, fmnist_src, capsys):
     result = run_demo(fmnist_src, tmp_path, epochs=1, train_num_samples=4096)
     out = capsys.readouterr().out

@@ -21,6 +21,7 @@ def test_release_files_load_as_torchvision_dataset(fmnist_src, tmp_path):
     assert len(FASHION_MNIST_CLASSES) == 10
 
 
+@pytest.mark.slow
 def test_timm_pipeline_classifies_real_images_and_a_few_steps_learn(fmnist_src, tmp_path):
     torch.manual_seed(0)
     model = timm.create_model('smallvit_nano_patch4_28')

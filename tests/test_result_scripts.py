@@ -90,6 +90,7 @@ def _run_sweep(
 TINY_SWEEP_RUN = dict(epochs=2, train_num_samples=256, val_num_samples=128, batch_size=64)
 
 
+@pytest.mark.slow
 def test_recipe_sweep_runs_variants_side_by_side_and_reports_each(tmp_path, fmnist_src):
     plan = [
         dict(name='demo', base='fashion_mnist_demo', overrides=TINY_SWEEP_RUN),
@@ -110,6 +111,7 @@ def test_recipe_sweep_runs_variants_side_by_side_and_reports_each(tmp_path, fmni
     assert 'learning_rate' in (out / 'logs' / 'typo.log').read_text()  # the trainer names the key it refuses
 
 
+@pytest.mark.slow
 def test_recipe_sweep_limit_stops_the_running_run_and_reports_its_epochs_so_far(tmp_path, fmnist_src):
     # one-step epochs, one run at a time: the long run logs epochs well inside the limit even on a slow machine
     long = dict(TINY_SWEEP_RUN, epochs=1000, train_num_samples=64, val_num_samples=64)

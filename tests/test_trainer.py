@@ -426,6 +426,7 @@ def test_defaults_are_train_py_defaults():
         assert key not in defaults, f'{key} is a train.py argument now'
 
 
+@pytest.mark.slow
 def test_distills_from_a_teacher_folder_through_timm_task(tmp_path, fmnist_src):
     # A teacher that answers class c as class perm[c]: a student taught by it alone (task_loss_weight 0) must learn
     # the permuted labels, which a student that quietly learned from the labels would not.
