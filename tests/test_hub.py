@@ -545,3 +545,30 @@ def test_closed_port_is_a_one_line_error_naming_the_endpoint(hub, env, exported,
     assert err.startswith(f'smallvit push: error: Could not reach the Hub at {closed} ')
     assert err.count('\n') == 1 and 'Traceback' not in err and 'check HF_ENDPOINT' in err
     assert ALICE not in err and 'alice/closed-port' not in hub.repos
+
+
+def test_a_recipe_fine_tunes_from_a_hub_repo_and_its_run_exports(hub, env, exported, tmp_path, fmnist_src, monkeypatch):
+    from timm_smallvit import trainer as trainer_module
+
+    timm_smallvit.push_to_hub(exported, 'alice/ft-base')
+    pushed = safetensors.torch.load_file(exported / 'model.safetensors')
+    started = []
+    real_create = trainer_module._create_model
+
+    def create(*args):
+        model = real_create(*args)
+        started.append({k: v.clone() for k, v in model.state_dict().items()})
+        return model
+
+    monkeypatch.setattr(trainer_module, '_create_model', create)
+    recipe = dict(
+        model='hf-hub:alice/ft-base', pretrained=True, dataset='torch/fashion_mnist', data_dir=str(fmnist_src),
+        num_classes=10, opt='adamw', lr=1e-4, epochs=1, batch_size=64, train_num_samples=256, val_num_samples=128,
+        output=str(tmp_path / 'out'), experiment='ft', warmup_epochs=0,
+    )  # fmt: skip
+    result = trainer_module.train(trainer_module.resolve_args(recipe))
+    assert started[0].keys() == pushed.keys()
+    assert all(torch.equal(started[0][k], v) for k, v in pushed.items())  # it started from the repo's weights
+    # the run exports as the architecture the repo holds (its config.json, from the HF cache)
+    out = timm_smallvit.export_checkpoint(result['output_dir'] / 'last.pth.tar', tmp_path / 'ft-export')
+    assert json.loads((out / 'config.json').read_text())['architecture'] == MODEL
