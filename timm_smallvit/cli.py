@@ -143,7 +143,8 @@ def _predict(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from .predict import _write_atomically, find_images, load_model, predict
+    from ._files import write_atomically
+    from .predict import find_images, load_model, predict
 
     _setup_logging()
     if args.top_k < 1 or args.batch_size < 1:
@@ -157,7 +158,7 @@ def _predict(args: argparse.Namespace) -> int:
         top = ', '.join(f'{p["label"]} {p["probability"]:.3f}' for p in record['predictions'])
         print(f'{record["file"]}: {top}')
     if args.json:
-        _write_atomically(args.json, lambda tmp: Path(tmp).write_text(''.join(json.dumps(r) + '\n' for r in records)))
+        write_atomically(args.json, lambda tmp: Path(tmp).write_text(''.join(json.dumps(r) + '\n' for r in records)))
     failed = [r for r in records if 'error' in r]
     for record in failed:
         print(f'smallvit predict: error: {record["file"]}: {record["error"]}', file=sys.stderr)

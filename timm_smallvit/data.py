@@ -20,7 +20,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -41,6 +41,8 @@ from timm.data.transforms import str_to_pil_interp
 from torchvision.datasets import CIFAR10, CIFAR100, KMNIST, MNIST, FashionMNIST
 from torchvision.datasets.utils import calculate_md5, check_integrity
 from tqdm import tqdm
+
+from ._files import write_atomically
 
 __all__ = [
     'CIFAR10_CLASSES',
@@ -191,13 +193,11 @@ def _fill_root(folder: Path, root: Path, digests: dict[str, str]) -> None:
 
 
 def _unpack(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f'.{dst.name}.{os.getpid()}.tmp')
-    try:
-        with gzip.open(src, 'rb') as fin, tmp.open('wb') as fout:
+    def write(tmp: str) -> None:
+        with gzip.open(src, 'rb') as fin, open(tmp, 'wb') as fout:
             shutil.copyfileobj(fin, fout, 1 << 20)
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomically(dst, write)
 
 
 def load_fashion_mnist(
@@ -381,8 +381,7 @@ class SmallImageDataset:
                     f'their {len(samples) - len(kept)} images are left out.'
                 )
             self._samples[which] = kept
-        self._classes = tuple(sorted(class_to_idx, key=class_to_idx.__getitem__))
-        self.classes = self._classes
+        self.classes = tuple(sorted(class_to_idx, key=class_to_idx.__getitem__))
 
     def num_images(self, which: str) -> int:
         """Images in the 'train' or 'val' split."""
@@ -420,10 +419,10 @@ class SmallImageDataset:
         converted to ``input_img_mode`` (default: 'L' for one channel, 'RGB' for three, as train.py reads them).
         """
         mode = input_img_mode or ('RGB' if in_chans == 3 else 'L')
-        if len(Image.new(mode, (1, 1)).getbands()) != in_chans:
+        if _channels(mode) != in_chans:
             raise ValueError(
-                f'input_img_mode {mode!r} gives {len(Image.new(mode, (1, 1)).getbands())} channel(s), but the model '
-                f"takes in_chans {in_chans}: use 'L' for 1 channel, 'RGB' for 3."
+                f'input_img_mode {mode!r} gives {_channels(mode)} channel(s), but the model takes in_chans '
+                f"{in_chans}: use 'L' for 1 channel, 'RGB' for 3."
             )
         size = (int(img_size[0]), int(img_size[1]))
         if self.dataset:
@@ -449,8 +448,9 @@ class SmallImageDataset:
         key = _cache_key('torch', self.dataset, digest, mode, target, interp)
 
         def decode() -> torch.Tensor:
-            pil = [Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy(), native_mode) for img in images]
-            return _decode((lambda im=im: im for im in pil), len(pil), mode, target, interp, source, progress)
+            arrays = (img.permute(1, 2, 0).squeeze(-1).numpy() for img in images)
+            return _decode((partial(Image.fromarray, a, native_mode) for a in arrays), len(images), mode, target,
+                           interp, source, progress)  # fmt: skip
 
         return ImageSplit(_cached(key, decode), labels, classes, source)
 
@@ -466,7 +466,8 @@ class SmallImageDataset:
             return _decode((partial(_open_image, p, mode) for p in paths), len(paths), mode, size, interp,
                            str(folder), progress)  # fmt: skip
 
-        return ImageSplit(_cached(key, decode), labels, self._classes, str(folder))
+        assert self.classes is not None  # an image folder's are known from its listing
+        return ImageSplit(_cached(key, decode), labels, self.classes, str(folder))
 
 
 def _find_split(root: Path, split: str, which: str) -> Path:
@@ -532,7 +533,7 @@ def _open_image(path: Path, mode: str) -> Image.Image:
 
 
 def _decode(
-    images: Iterator[Callable[[], Image.Image]] | Iterator[partial],
+    images: Iterable[Callable[[], Image.Image]],
     count: int,
     mode: str,
     size: tuple[int, int],
@@ -541,8 +542,7 @@ def _decode(
     progress: bool,
 ) -> torch.Tensor:
     """(count, C, H, W) uint8 from Pillow images (each given by a callable), converted and resized."""
-    channels = len(Image.new(mode, (1, 1)).getbands())
-    out = torch.empty(count, channels, *size, dtype=torch.uint8)
+    out = torch.empty(count, _channels(mode), *size, dtype=torch.uint8)
     resample = str_to_pil_interp(interp)
     for i, load in enumerate(tqdm(images, total=count, desc=f'decoding {source}', disable=not progress,
                                   mininterval=1.0, leave=False)):  # fmt: skip
@@ -554,6 +554,10 @@ def _decode(
         array = torch.from_numpy(np.array(img, dtype=np.uint8))
         out[i] = array.unsqueeze(0) if array.ndim == 2 else array.permute(2, 0, 1)
     return out
+
+
+def _channels(mode: str) -> int:
+    return len(Image.new(mode, (1, 1)).getbands())
 
 
 def _stats(paths: Sequence[Path], base: Path) -> list[tuple[str, int, int]]:
@@ -580,12 +584,7 @@ def _cached(key: str, decode: Callable[[], torch.Tensor]) -> torch.Tensor:
             except Exception as e:  # a damaged or truncated cache file: decode again
                 _logger.warning(f'{path}: unreadable decoded cache ({e}); decoding again.')
         images = decode()
-        tmp = path.with_name(f'.{path.name}.{os.getpid()}.tmp')
-        try:
-            save_file({'images': images.contiguous()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_atomically(path, lambda tmp: save_file({'images': images.contiguous()}, tmp))
         return images
 
 

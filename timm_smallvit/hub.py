@@ -171,8 +171,6 @@ def export_checkpoint(
     labels = _labels(args, model.num_classes)
     model_config: dict[str, Any] = {'label_names': list(labels)} if labels else {}
     data_config = _data_config(args)
-    # the size the model is built for (model_kwargs img_size), where the args do not set one
-    data_config.setdefault('input_size', [model.in_chans, *_img_size(model)])
 
     out.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_exports(out.parent)

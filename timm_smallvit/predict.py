@@ -17,8 +17,7 @@ import glob
 import logging
 import math
 import os
-import tempfile
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from timm.data import create_transform, resolve_model_data_config
 from timm.utils.attention_extract import AttentionExtract
 from tqdm import tqdm
 
+from ._files import write_atomically
 from .smallvit import SmallViT, explicit_attention
 
 __all__ = ['attention_maps', 'attention_rollout', 'find_images', 'load_model', 'predict']
@@ -302,21 +302,7 @@ def _overlay(ax, attn: torch.Tensor, size: tuple[int, int]) -> None:
 
 
 def _save_png(fig, path: Path) -> None:
-    _write_atomically(path, lambda tmp: fig.savefig(tmp, format='png', metadata={'Software': None}))
-
-
-def _write_atomically(path: str | os.PathLike, write: Callable[[str], Any]) -> None:
-    """``write(tmp)`` a file beside ``path``, then rename it into place: a killed run never leaves half a file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda tmp: fig.savefig(tmp, format='png', metadata={'Software': None}))
 
 
 def save_prediction_grid(

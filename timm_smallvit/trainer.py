@@ -641,7 +641,8 @@ def _load_initial_checkpoint(model: Any, path: Path) -> None:
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ValueError(f'initial_checkpoint {path}: not a readable checkpoint ({first}).') from e
-    cfg = dict(model.pretrained_cfg, file=str(path))
+    # the weights read here go to timm as they are (no second read), whatever source the model's own cfg names
+    cfg = dict(model.pretrained_cfg, source='', state_dict=state_dict)
     head = state_dict.get('head.weight')
     cfg['num_classes'] = head.shape[0] if head is not None else model.num_classes
     first_conv = cfg.get('first_conv') or 'patch_embed.proj'
