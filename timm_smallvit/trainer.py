@@ -621,7 +621,8 @@ def _create_model(args: argparse.Namespace, in_chans: int) -> Any:  # a timm mod
             f'pretrained: true, but {args.model} has no pretrained weights. Models with weights: {named}; or start '
             'from your own with initial_checkpoint, model: local-dir:<folder> or hf-hub:<repo>.'
         ) from None
-    if args.model.startswith(('hf-hub:', 'local-dir:')) and not pretrained and not args.resume:
+    starts_random = not (pretrained or args.resume or args.initial_checkpoint)
+    if args.model.startswith(('hf-hub:', 'local-dir:')) and starts_random:
         _logger.warning(
             f'{args.model}: training from random weights, as train.py does without --pretrained. Set pretrained: true '
             'to start from its weights.'
