@@ -145,15 +145,17 @@ def test_cli_train_py_prints_the_command(fmnist_src, capsys, monkeypatch, tmp_pa
 
 
 @pytest.mark.parametrize('native', [True, False])
-def test_cli_train_py_warns_when_train_py_would_emulate_bf16(fmnist_src, capsys, monkeypatch, tmp_path, native):
+def test_cli_train_py_warns_when_bf16_would_be_slower(fmnist_src, capsys, monkeypatch, tmp_path, native):
     import timm_smallvit.trainer
 
     monkeypatch.setenv('SMALLVIT_CACHE', str(tmp_path / 'cache'))
     monkeypatch.setattr(timm_smallvit.trainer, 'cpu_has_native_bf16', lambda: native)
+    monkeypatch.setattr(timm_smallvit.trainer, 'cpu_matmul_gflops', lambda: (100.0, 300.0))
     argv = ['train-py', 'fashion_mnist_demo', '--train-py', 'train.py', '--data-dir', str(fmnist_src)]
     assert main([*argv, '--', '--device', 'cpu']) == 0  # the demo recipe sets amp: true
     err = capsys.readouterr().err
-    assert ('train.py would emulate bf16' in err) != native
+    assert ('train.py would train in bf16, slower than float32' in err) != native
+    assert native or 'no native bfloat16' in err
 
 
 def test_cli_train_py_warns_about_keys_only_the_quick_trainer_honours(fmnist_src, capsys, monkeypatch, tmp_path):

@@ -1,6 +1,7 @@
 """The quick trainer on real Fashion-MNIST: learning, resume, NaN stop, recipe keys, train.py's format."""
 
 import argparse
+import contextlib
 import csv
 import importlib.util
 import logging
@@ -370,21 +371,53 @@ def test_bf16_autocast_on_cpu(tmp_path, fmnist_src, caplog):
         val_num_samples=32,
     )
     assert _summary(result['output_dir'])[0]['train_loss'] > 0
-    native = trainer_module.cpu_has_native_bf16()
-    assert result['args'].amp == native  # bf16 where the CPU has it, float32 where bf16 would be emulated
-    assert native or 'training in float32 instead' in caplog.text  # the fallback is said, not hidden
+    faster = trainer_module.cpu_bf16_is_faster()
+    assert result['args'].amp == faster  # bf16 where it is the fast path, float32 where it would be slower
+    assert faster or 'training in float32 instead' in caplog.text  # the fallback is said, not hidden
 
 
 @pytest.mark.parametrize('native', [True, False])
-def test_amp_on_cpu_is_bf16_autocast_only_with_native_bf16(monkeypatch, caplog, native):
+@pytest.mark.parametrize('bf16_gain', [2.0, 0.5])
+def test_amp_on_cpu_is_bf16_autocast_only_where_bf16_is_faster(monkeypatch, caplog, native, bf16_gain):
+    # bf16 only with native bf16 whose matmuls beat float32 (an AVX512-BF16 VM without AMX ran them at half speed)
     monkeypatch.setattr(trainer_module, 'cpu_has_native_bf16', lambda: native)
+    monkeypatch.setattr(trainer_module, 'cpu_matmul_gflops', lambda: (100.0, 100.0 * bf16_gain))
+    expected = native and bf16_gain > 1
     args = argparse.Namespace(amp=True, amp_dtype='bfloat16')
     with caplog.at_level(logging.WARNING), trainer_module.autocast_context(args, torch.device('cpu'))():
         enabled = torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
-    assert enabled == native and args.amp == native
-    assert ('training in float32 instead' in caplog.text) != native
+    assert enabled == expected and args.amp == expected
+    assert ('training in float32 instead' in caplog.text) != expected
+    if not expected:  # the warning says why: emulated, or the two measured speeds
+        reason = 'no native bfloat16' if not native else 'bf16 matmuls on this CPU run at 50 GFLOP/s against 100'
+        assert reason in caplog.text
     with pytest.raises(ValueError, match='float16 autocast is for CUDA'):
         trainer_module.autocast_context(argparse.Namespace(amp=True, amp_dtype='float16'), torch.device('cpu'))
+
+
+@pytest.mark.parametrize(('mine', 'first'), [(True, False), (False, True), (True, True)])
+def test_cpu_processes_take_the_first_ones_bf16_answer(monkeypatch, mine, first):
+    def broadcast(tensor, src):  # gloo's broadcast, as process 0 would send it
+        assert src == 0
+        tensor.fill_(int(first))
+
+    monkeypatch.setattr(trainer_module.dist, 'broadcast', broadcast)
+    args = argparse.Namespace(amp=mine, amp_dtype='bfloat16')
+    own = (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if mine else contextlib.nullcontext
+    with trainer_module._first_process_amp(args, own)():
+        enabled = torch.is_autocast_enabled('cpu')
+    assert args.amp == first and enabled == first
+
+
+def test_the_matmul_probe_measures_this_cpu():
+    # an oracle outside the probe: torch's own benchmark timer on the same matmul, in float32
+    from torch.utils.benchmark import Timer
+
+    fp32, bf16 = trainer_module.cpu_matmul_gflops()
+    assert fp32 > 0 and bf16 > 0 and trainer_module.cpu_matmul_gflops() == (fp32, bf16)  # measured once
+    a = torch.randn(1024, 1024)
+    seconds = Timer('a @ a', globals={'a': a}).blocked_autorange(min_run_time=0.2).median
+    assert 0.25 < fp32 / (2 * 1024**3 / seconds / 1e9) < 4  # the same order as torch's timing, noise allowed
 
 
 def test_a_recipe_that_names_cuda_warns_when_there_is_none(fmnist_src, monkeypatch, caplog):

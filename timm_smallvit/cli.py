@@ -56,7 +56,7 @@ def _train_py(args: argparse.Namespace) -> int:
 
     from .data import prepare_fashion_mnist
     from .launch import format_command, recipe_path, train_py_command
-    from .trainer import QUICK_TRAINER_KEYS, TRAIN_PY_WITHOUT, cpu_has_native_bf16, load_recipe
+    from .trainer import QUICK_TRAINER_KEYS, TRAIN_PY_WITHOUT, _slow_bf16_reason, cpu_bf16_is_faster, load_recipe
 
     data_dir = args.data_dir
     recipe = load_recipe(recipe_path(args.recipe))
@@ -66,12 +66,12 @@ def _train_py(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available() and '--device' not in extra and 'device' not in recipe:
         extra += ['--device', 'cpu']  # train.py defaults to cuda
     device = extra[extra.index('--device') + 1] if '--device' in extra[:-1] else recipe.get('device', 'cuda')
-    if device == 'cpu' and recipe.get('amp') and not cpu_has_native_bf16():
+    if device == 'cpu' and recipe.get('amp') and not cpu_bf16_is_faster():
         # train.py takes amp as given (its --amp cannot be switched off from the command line)
         print(
-            f'warning: {args.recipe} sets amp: true, and this CPU has no native bf16 (no AVX512-BF16 / AMX): '
-            'train.py would emulate bf16, several times slower than float32. Run a copy of the recipe without '
-            'its amp lines, or `smallvit train`, which falls back to float32.',
+            f'warning: {args.recipe} sets amp: true, and {_slow_bf16_reason()}: train.py would train in bf16, '
+            'slower than float32. Run a copy of the recipe without its amp lines, or `smallvit train`, which '
+            'falls back to float32.',
             file=sys.stderr,
         )
     unused = {k: v for k, v in recipe.items() if k in QUICK_TRAINER_KEYS and v != QUICK_TRAINER_KEYS[k]}

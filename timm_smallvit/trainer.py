@@ -17,6 +17,7 @@ torchrun on CPU (gloo) as well as GPUs (NCCL), a progress bar, a clear stop on a
 import argparse
 import contextlib
 import csv
+import functools
 import logging
 import math
 import os
@@ -332,19 +333,60 @@ def _check_counts(args: argparse.Namespace) -> None:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 natively: AVX512-BF16 or AMX on x86, oneDNN's bf16 path elsewhere.
 
-    Without it PyTorch emulates bf16 matmuls, several times slower than float32; with it bf16 is the faster path
-    (docs/benchmark.md has the measured peaks).
+    Without it PyTorch emulates bf16 matmuls, several times slower than float32. With it bf16 is usually the
+    faster path, but not always: :func:`cpu_bf16_is_faster` measures.
     """
     if platform.machine().lower() in ('x86_64', 'amd64', 'i386', 'i686'):
         return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
+BF16_MIN_SPEEDUP = 1.15  # bf16 costs precision; below this gain over float32 the trainer stays in float32
+
+
+@functools.cache
+def cpu_matmul_gflops() -> tuple[float, float]:
+    """This CPU's float32 and bfloat16 matmul speed in GFLOP/s, measured once per process (about 0.1-0.5 s).
+
+    Native bf16 is not always the fast path: on a 2-core Xeon whose VM exposes AVX512-BF16 but not AMX, bf16
+    matmuls ran at half the float32 speed, and the 28 px recipe trained 1.45x faster in float32; on an AMD EPYC
+    with AVX512-BF16, bf16 ran at 2.3x float32 (docs/benchmark.md). Flags cannot tell the two apart; a matmul can.
+    """
+    n, reps = 1024, 3
+    speeds = []
+    for dtype in (torch.float32, torch.bfloat16):
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a @ b  # oneDNN builds its kernel on the first call
+        best = math.inf
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            best = min(best, time.perf_counter() - t)
+        speeds.append(2 * n**3 / best / 1e9)
+    return speeds[0], speeds[1]
+
+
+def cpu_bf16_is_faster() -> bool:
+    """Whether bf16 autocast pays on this CPU: native bf16 whose matmuls beat float32 by ``BF16_MIN_SPEEDUP``."""
+    if not cpu_has_native_bf16():
+        return False
+    fp32, bf16 = cpu_matmul_gflops()
+    return bf16 >= BF16_MIN_SPEEDUP * fp32
+
+
+def _slow_bf16_reason() -> str:
+    if not cpu_has_native_bf16():
+        return 'this CPU has no native bfloat16 matrix instructions (no AVX512-BF16 / AMX), where bf16 is emulated'
+    fp32, bf16 = cpu_matmul_gflops()
+    return f'bf16 matmuls on this CPU run at {bf16:.0f} GFLOP/s against {fp32:.0f} in float32'
+
+
 def autocast_context(args: argparse.Namespace, device: torch.device) -> Callable[[], contextlib.AbstractContextManager]:
     """The autocast context factory the trainer runs under, for evaluating a model as it was trained.
 
     ``with autocast_context(args, device)(): model(x)``. bf16 (or float16 on CUDA) autocast when ``args.amp``;
-    on a CPU without native bf16 a no-op, and ``args.amp`` is set False (float32 is the fast path there).
+    on a CPU where bf16 is not faster than float32 (:func:`cpu_bf16_is_faster`) a no-op, and ``args.amp`` is set
+    False, so args.yaml records what ran.
     """
     if not args.amp:
         return contextlib.nullcontext
@@ -352,15 +394,25 @@ def autocast_context(args: argparse.Namespace, device: torch.device) -> Callable
     if device.type == 'cpu':
         if dtype != torch.bfloat16:
             raise ValueError('amp on CPU needs amp_dtype: bfloat16 (float16 autocast is for CUDA).')
-        if not cpu_has_native_bf16():
+        if not cpu_bf16_is_faster():
             # the recipes ask for bf16 because it is the fast path where it exists; here it would be the slow one
-            _logger.warning(
-                'amp: this CPU has no native bfloat16 matrix instructions (no AVX512-BF16 / AMX), where bf16 '
-                'autocast is emulated and several times slower than float32: training in float32 instead.'
-            )
+            _logger.warning(f'amp: {_slow_bf16_reason()}: training in float32 instead.')
             args.amp = False
             return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=dtype)
+
+
+def _first_process_amp(
+    args: argparse.Namespace, amp_autocast: Callable[[], contextlib.AbstractContextManager]
+) -> Callable[[], contextlib.AbstractContextManager]:
+    # each CPU process timed bf16 against float32 for itself, and a close call can go either way: all processes
+    # take the first one's answer, so they train alike
+    amp = torch.tensor([int(args.amp)])
+    dist.broadcast(amp, src=0)
+    if bool(amp.item()) == args.amp:
+        return amp_autocast
+    args.amp = bool(amp.item())  # a bf16 yes comes only from a recipe that asked for amp
+    return (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
 
 
 def _resolve_lr(args: argparse.Namespace) -> None:
@@ -681,6 +733,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     device = init_distributed_device(args)  # torchrun: gloo on CPU, NCCL on CUDA
     torch.manual_seed(args.seed + args.rank)
     amp_autocast = autocast_context(args, device)
+    if args.distributed and device.type == 'cpu':
+        amp_autocast = _first_process_amp(args, amp_autocast)
     loss_scaler = NativeScaler() if args.amp and args.amp_dtype == 'float16' else None
     primary = is_primary(args)
     _resolve_lr(args)  # before the resume check: a recipe's lr_base gives the lr the checkpoint recorded
