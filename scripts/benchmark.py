@@ -414,7 +414,7 @@ def recipe_run(name: str, data_dir: Path, steps: int, eval_batches: int, profile
                 recipe,
                 data_dir=str(data_dir),
                 output=out,
-                experiment=name,
+                experiment=Path(name).stem,  # a recipe given as a path runs under its file's name
                 epochs=epochs,
                 budget_minutes=0,
                 crop_off_epoch=0,
@@ -473,19 +473,20 @@ def recipe_table(runs: list[dict[str, Any]], peaks: dict[str, float]) -> str:
         train_flops = r['train_images_per_s'] * r['flops_per_image_train']
         eval_flops = r['eval_images_per_s'] * r['eval_views'] * r['flops_per_image_infer']
         dtype = 'bf16' if r['amp'] and 'bf16' in peaks else 'fp32'
+        bf16_share = f'{100 * train_flops / peaks["bf16"]:.1f}%' if 'bf16' in peaks else 'not run'
         rows.append([
             r['recipe'], r['model'], str(r['batch']), dtype + (', NHWC' if r['channels_last'] else ''),
             f'{r["flops_per_image_train"] / 1e9:.4f}', f'{r["train_images_per_s"]:,.0f}', f'{train_flops / 1e9:,.1f}',
-            f'{100 * train_flops / peaks[dtype]:.1f}%', f'{100 * train_flops / peaks["fp32"]:.1f}%',
+            f'{100 * train_flops / peaks[dtype]:.1f}%', bf16_share, f'{100 * train_flops / peaks["fp32"]:.1f}%',
             f'{r["eval_images_per_s"]:,.0f}', f'{100 * eval_flops / peaks[dtype]:.1f}%',
         ])  # fmt: skip
     headers = ['recipe', 'model', 'batch', 'compute', 'train GFLOP/img', 'train img/s', 'train GFLOP/s',
-               'of its peak', 'of fp32 peak', 'eval img/s', 'eval of its peak']  # fmt: skip
+               'of its peak', 'of bf16 peak', 'of fp32 peak', 'eval img/s', 'eval of its peak']  # fmt: skip
     out = [
         "The recipes' own training step (`smallvit train`: its augmentation, optimizer, EMA, autocast and layout; the "
         'second of two epochs) and evaluation (every view the recipe scores), with the share of the same-run matmul '
-        'peak of the dtype it computes in and of the fp32 peak. FLOPs: matmuls, convolutions and attention of the '
-        'forward and backward (FlopCounterMode).',
+        'peak of the dtype it computes in, and of the bf16 and fp32 peaks. FLOPs: matmuls, convolutions and '
+        'attention of the forward and backward (FlopCounterMode).',
         '',
         md_table(headers, rows),
     ]

@@ -24,6 +24,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--data', help='folder with the Fashion-MNIST release files (not needed with --replot)')
     parser.add_argument('--recipes', nargs='+', default=['fashion_mnist_demo', 'fashion_mnist_28'])
+    parser.add_argument('--seeds', nargs='+', type=int, help='run each recipe once per seed (default: its own seed)')
     parser.add_argument('--out', default='results/accuracy', help='output folder')
     parser.add_argument('--replot', action='store_true', help='only redraw from --out/results.json, no training')
     args = parser.parse_args()
@@ -38,17 +39,25 @@ def main() -> None:
         runs = []
         for name in args.recipes:
             recipe = load_recipe(recipe_path(name))
-            run_args = resolve_args(recipe, data_dir=args.data, output=str(out / 'runs'), experiment=Path(name).stem)
-            result = train(run_args)
-            # epochs as trained: a recipe with budget_minutes fits them to this machine's speed
-            epochs = result['args'].epochs
-            runs.append(dict(recipe=name, model=recipe['model'], epochs=epochs, history=result['history']))
-            (out / 'results.json').write_text(json.dumps(runs, indent=2))
+            for seed in args.seeds or [recipe.get('seed', 42)]:
+                experiment = Path(name).stem + (f'-seed{seed}' if args.seeds else '')
+                run_args = resolve_args(
+                    recipe, data_dir=args.data, output=str(out / 'runs'), experiment=experiment, seed=seed
+                )
+                result = train(run_args)
+                # epochs as trained: a recipe with budget_minutes fits them to this machine's speed
+                epochs, amp = result['args'].epochs, bool(result['args'].amp)
+                runs.append(
+                    dict(
+                        recipe=name, model=recipe['model'], seed=seed, epochs=epochs, amp=amp, history=result['history']
+                    )
+                )
+                (out / 'results.json').write_text(json.dumps(runs, indent=2))
 
     lines = [
-        '| recipe | model | epochs | training time (s) | test top-1 (%) | best epoch top-1 (%) | top-1 at 30 min (%) '
-        '| single view at 30 min (%) |',
-        '|---|---|---|---|---|---|---|---|',
+        '| recipe | model | seed | compute | epochs | training time (s) | test top-1 (%) | best epoch top-1 (%) '
+        '| top-1 at 30 min (%) | single view at 30 min (%) |',
+        '|---|---|---|---|---|---|---|---|---|---|',
     ]
     for run in runs:
         history = run['history']
@@ -57,7 +66,8 @@ def main() -> None:
         # with eval_hflip, top1 is each image with its mirror and top1_single the image alone; else they are one
         single = in_budget[-1].get('top1_single', in_budget[-1]['top1'])
         lines.append(
-            f'| `{run["recipe"]}` | `{run["model"]}` | {run["epochs"]} | {last["wall_time"]:.0f} '
+            f'| `{run["recipe"]}` | `{run["model"]}` | {run.get("seed", "")} | {_compute(run)} | {run["epochs"]} '
+            f'| {last["wall_time"]:.0f} '
             f'| {last["top1"]:.2f} | {best:.2f} | {in_budget[-1]["top1"]:.2f} | {single:.2f} |'
         )
     (out / 'results.md').write_text('\n'.join(lines) + '\n')
@@ -67,7 +77,8 @@ def main() -> None:
     ax = fig.subplots()
     for run in runs:
         minutes = [h['wall_time'] / 60 for h in run['history']]
-        line = ax.plot(minutes, [h['top1'] for h in run['history']], marker='o', markersize=3, label=run['recipe'])
+        label = f'{Path(run["recipe"]).stem}, seed {run.get("seed", "?")}, {_compute(run)}'
+        line = ax.plot(minutes, [h['top1'] for h in run['history']], marker='o', markersize=3, label=label)
         if 'top1_single' in run['history'][-1]:
             single = [h['top1_single'] for h in run['history']]
             ax.plot(minutes, single, color=line[0].get_color(), linestyle='--', linewidth=1, label='(single view)')
@@ -75,9 +86,13 @@ def main() -> None:
     ax.axhline(94.0, color='grey', linestyle=':', linewidth=1, label='94.0% target')
     ax.set(xlabel='training wall time (min), 2 CPU cores', ylabel='test top-1 (%)', title='Fashion-MNIST')
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / 'accuracy_vs_time.png', dpi=120)
+
+
+def _compute(run: dict) -> str:
+    return {True: 'bf16', False: 'fp32'}.get(run.get('amp'), '?')
 
 
 if __name__ == '__main__':

@@ -9,6 +9,9 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from timm_smallvit.launch import recipe_path
+from timm_smallvit.trainer import cpu_bf16_is_faster, load_recipe
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -146,17 +149,21 @@ def test_a_recipes_own_step_is_timed_with_its_flops_share_and_profile(bench, tmp
     out_json = tmp_path / 'bench.json'
     threads = torch.get_num_threads()
     argv = ['--quick', '--shapes', '--sweep-sizes', '--layout-batch-sizes', '--mm-size', '256', '--threads', '1']
-    argv += ['--recipes', 'fashion_mnist_demo', '--data', str(fmnist_src), '--json', str(out_json)]
+    argv += ['--recipes', 'fashion_mnist_28', '--data', str(fmnist_src), '--json', str(out_json)]
     try:
         result = bench.main(argv)
     finally:
         torch.set_num_threads(threads)
     out = capsys.readouterr().out
-    assert "The recipes' own training step" in out and 'Profile of 2 training steps of fashion_mnist_demo' in out
+    assert "The recipes' own training step" in out and 'Profile of 2 training steps of fashion_mnist_28' in out
     (run,) = result['recipes']
-    assert run['model'] == 'smallvit_tiny_convstem_28' and run['batch'] == 128 and run['channels_last']
+    recipe = load_recipe(recipe_path('fashion_mnist_28'))
+    assert run['model'] == recipe['model'] and run['batch'] == recipe['batch_size'] and run['channels_last']
+    assert run['amp'] == cpu_bf16_is_faster() and run['ema'] and run['eval_views'] == 2  # as the recipe trains here
+    compute = ('bf16' if run['amp'] else 'fp32') + ', NHWC'
+    assert f'| fashion_mnist_28 | {recipe["model"]} | {recipe["batch_size"]} | {compute} |' in out
     assert run['train_images_per_s'] > 0 and run['eval_images_per_s'] > 0
     # the counted FLOPs are the model's: a training step costs about three forward passes
     assert 2.5 < run['flops_per_image_train'] / run['flops_per_image_infer'] < 3.5
     assert 'aten::' in run['profile'] and 'convolution' in run['profile']
-    assert json.loads(out_json.read_text())['recipes'][0]['recipe'] == 'fashion_mnist_demo'
+    assert json.loads(out_json.read_text())['recipes'][0]['recipe'] == 'fashion_mnist_28'
