@@ -88,7 +88,10 @@ def test_cfg_carries_what_timm_users_read(name):
     fitted = ('epochs', 'crop_off_epoch', 'data_dir', 'amp')  # amp: False where the CPU's bf16 was slower
     assert all(args[k] == v for k, v in recipe.items() if k not in fitted)
     assert args['amp'] in (recipe.get('amp', False), False)
-    assert f'smallvit train --config {weights["recipe"]}' in (_folder(name) / 'README.md').read_text()
+    card = (_folder(name) / 'README.md').read_text()
+    assert f'smallvit train --config {weights["recipe"]}' in card
+    # the card names the compute the run used, which args.yaml records
+    assert ("under the recipe's bf16 autocast" if args['amp'] else 'log below was measured in float32') in card
 
 
 @pytest.mark.slow
