@@ -1,7 +1,6 @@
 """The quick trainer on real Fashion-MNIST: learning, resume, NaN stop, recipe keys, train.py's format."""
 
 import argparse
-import contextlib
 import csv
 import importlib.util
 import logging
@@ -401,12 +400,21 @@ def test_cpu_processes_take_the_first_ones_bf16_answer(monkeypatch, mine, first)
         assert src == 0
         tensor.fill_(int(first))
 
+    monkeypatch.setattr(trainer_module, 'cpu_bf16_is_faster', lambda: mine)  # this process's own timing
+    monkeypatch.setattr(trainer_module.dist, 'is_initialized', lambda: True)
     monkeypatch.setattr(trainer_module.dist, 'broadcast', broadcast)
-    args = argparse.Namespace(amp=mine, amp_dtype='bfloat16')
-    own = (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if mine else contextlib.nullcontext
-    with trainer_module._first_process_amp(args, own)():
+    args = argparse.Namespace(amp=True, amp_dtype='bfloat16')
+    with trainer_module.autocast_context(args, torch.device('cpu'))():
         enabled = torch.is_autocast_enabled('cpu')
     assert args.amp == first and enabled == first
+
+
+def test_the_matmul_probe_leaves_the_seeded_generator_alone():
+    # it runs after the trainer seeds torch: drawing from the global generator would change the model's init
+    state = torch.get_rng_state()
+    trainer_module.cpu_matmul_gflops.cache_clear()
+    trainer_module.cpu_matmul_gflops()
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_the_matmul_probe_measures_this_cpu():

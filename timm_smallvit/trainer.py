@@ -354,8 +354,9 @@ def cpu_matmul_gflops() -> tuple[float, float]:
     """
     n, reps = 1024, 3
     speeds = []
+    generator = torch.Generator().manual_seed(0)  # its own: the trainer has seeded the global one already
     for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        a, b = (torch.randn(n, n, dtype=dtype, generator=generator) for _ in range(2))
         a @ b  # oneDNN builds its kernel on the first call
         best = math.inf
         for _ in range(reps):
@@ -372,6 +373,17 @@ def cpu_bf16_is_faster() -> bool:
         return False
     fp32, bf16 = cpu_matmul_gflops()
     return bf16 >= BF16_MIN_SPEEDUP * fp32
+
+
+def _cpu_bf16_pays() -> bool:
+    # each torchrun process timed bf16 against float32 for itself, and a close call can go either way: all take the
+    # first process's answer, so they train alike
+    faster = cpu_bf16_is_faster()
+    if dist.is_available() and dist.is_initialized():
+        flag = torch.tensor([int(faster)])
+        dist.broadcast(flag, src=0)
+        faster = bool(flag.item())
+    return faster
 
 
 def _slow_bf16_reason() -> str:
@@ -394,25 +406,12 @@ def autocast_context(args: argparse.Namespace, device: torch.device) -> Callable
     if device.type == 'cpu':
         if dtype != torch.bfloat16:
             raise ValueError('amp on CPU needs amp_dtype: bfloat16 (float16 autocast is for CUDA).')
-        if not cpu_bf16_is_faster():
+        if not _cpu_bf16_pays():
             # the recipes ask for bf16 because it is the fast path where it exists; here it would be the slow one
             _logger.warning(f'amp: {_slow_bf16_reason()}: training in float32 instead.')
             args.amp = False
             return contextlib.nullcontext
     return lambda: torch.autocast(device.type, dtype=dtype)
-
-
-def _first_process_amp(
-    args: argparse.Namespace, amp_autocast: Callable[[], contextlib.AbstractContextManager]
-) -> Callable[[], contextlib.AbstractContextManager]:
-    # each CPU process timed bf16 against float32 for itself, and a close call can go either way: all processes
-    # take the first one's answer, so they train alike
-    amp = torch.tensor([int(args.amp)])
-    dist.broadcast(amp, src=0)
-    if bool(amp.item()) == args.amp:
-        return amp_autocast
-    args.amp = bool(amp.item())  # a bf16 yes comes only from a recipe that asked for amp
-    return (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
 
 
 def _resolve_lr(args: argparse.Namespace) -> None:
@@ -733,8 +732,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     device = init_distributed_device(args)  # torchrun: gloo on CPU, NCCL on CUDA
     torch.manual_seed(args.seed + args.rank)
     amp_autocast = autocast_context(args, device)
-    if args.distributed and device.type == 'cpu':
-        amp_autocast = _first_process_amp(args, amp_autocast)
     loss_scaler = NativeScaler() if args.amp and args.amp_dtype == 'float16' else None
     primary = is_primary(args)
     _resolve_lr(args)  # before the resume check: a recipe's lr_base gives the lr the checkpoint recorded
