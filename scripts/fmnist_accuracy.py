@@ -3,9 +3,9 @@
     python scripts/fmnist_accuracy.py --data ../shared/data/fashion-mnist --recipes fashion_mnist_demo fashion_mnist_28
 
 Each recipe runs with `smallvit train`'s trainer, as `smallvit train --config NAME` would; its test top-1 is
-measured after every epoch (on the EMA weights when the recipe keeps an EMA; with each image and its mirror when it
-sets eval_hflip, and then also single-view). Writes results.json, results.md and
-accuracy_vs_time.png to --out; `--replot` redraws the table and plot from an earlier results.json.
+measured after every evaluated epoch (each val_interval-th and the last), on the EMA weights when the recipe keeps
+an EMA; with each image and its mirror when it sets eval_hflip, and then also single-view. Writes results.json,
+results.md and accuracy_vs_time.png to --out; `--replot` redraws the table and plot from an earlier results.json.
 """
 
 import argparse

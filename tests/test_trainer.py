@@ -104,6 +104,22 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, fmnist_src):
         torch.testing.assert_close(v, full_state[k], rtol=1e-5, atol=1e-6)
 
 
+def test_val_interval_evaluates_every_nth_epoch_and_the_last_and_trains_the_same(tmp_path, fmnist_src):
+    every = _run(tmp_path, fmnist_src, 'every', epochs=3, model_ema=True, model_ema_decay=0.9)
+    sparse = _run(tmp_path, fmnist_src, 'sparse', epochs=3, model_ema=True, model_ema_decay=0.9, val_interval=2)
+    run_dir = sparse['output_dir']
+    # as train.py's --val-interval: epoch 1 (the 2nd) and the last; no summary row or checkpoint in between
+    assert [r['epoch'] for r in _summary(run_dir)] == [1, 2]
+    assert [h['epoch'] for h in sparse['history']] == [1, 2]
+    assert sorted(p.name for p in run_dir.glob('checkpoint-*')) == ['checkpoint-1.pth.tar', 'checkpoint-2.pth.tar']
+    # skipping an evaluation changes what is measured, not what is trained
+    assert _summary(run_dir)[-1]['eval_top1'] == _summary(every['output_dir'])[-1]['eval_top1']
+    for k, v in sparse['model'].state_dict().items():
+        torch.testing.assert_close(v, every['model'].state_dict()[k])
+    with pytest.raises(ValueError, match='val_interval 0: expected a whole number of at least 1'):
+        resolve_args(dict(QUICK, data_dir=str(fmnist_src), val_interval=0))
+
+
 def test_crop_off_epoch_trains_on_whole_images_from_that_epoch(tmp_path, fmnist_src):
     images, _ = load_fashion_mnist(fmnist_src, train=True)
     whole = ((images[:256].float() / 255 - 0.5) / 0.5).flatten(1)  # QUICK's mean/std are timm's 0.5 for 'L'

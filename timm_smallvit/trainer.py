@@ -173,6 +173,7 @@ TRAIN_PY_DEFAULTS: dict[str, Any] = {
     # misc
     'seed': 42,
     'log_interval': 50,
+    'val_interval': 1,  # evaluate (and checkpoint) after every N-th epoch and the last, as train.py does
     'checkpoint_hist': 10,
     'output': '',
     'experiment': '',
@@ -312,6 +313,7 @@ _COUNT_KEYS = (
     ('val_num_samples', 1, True),
     ('num_classes', 1, True),
     ('log_interval', 1, False),
+    ('val_interval', 1, False),
     ('checkpoint_hist', 1, False),
     ('start_epoch', 0, True),
     ('seed', 0, False),
@@ -432,11 +434,11 @@ def _resolve_lr(args: argparse.Namespace) -> None:
 _RESUME_MAY_CHANGE = frozenset(
     {
         'resume', 'data_dir', 'dataset_download', 'output', 'experiment', 'device', 'log_interval', 'checkpoint_hist',
-        'epochs', 'start_epoch', 'crop_off_epoch', 'mixup_off_epoch', 'no_resume_opt', 'validation_batch_size',
-        'eval_hflip', 'torchcompile', 'torchcompile_mode', 'grad_checkpointing', 'channels_last', 'clip_grad',
-        'clip_mode', 'sched', 'sched_on_updates', 'warmup_epochs', 'warmup_lr', 'warmup_prefix', 'min_lr',
-        'cooldown_epochs', 'decay_epochs', 'decay_milestones', 'decay_rate', 'patience_epochs', 'lr_cycle_mul',
-        'lr_cycle_decay', 'lr_cycle_limit', 'lr_k_decay',
+        'val_interval', 'epochs', 'start_epoch', 'crop_off_epoch', 'mixup_off_epoch', 'no_resume_opt',
+        'validation_batch_size', 'eval_hflip', 'torchcompile', 'torchcompile_mode', 'grad_checkpointing',
+        'channels_last', 'clip_grad', 'clip_mode', 'sched', 'sched_on_updates', 'warmup_epochs', 'warmup_lr',
+        'warmup_prefix', 'min_lr', 'cooldown_epochs', 'decay_epochs', 'decay_milestones', 'decay_rate',
+        'patience_epochs', 'lr_cycle_mul', 'lr_cycle_decay', 'lr_cycle_limit', 'lr_k_decay',
     }
 )  # fmt: skip
 # Honoured on resume only with no_resume_opt: otherwise the restored optimizer state brings its own values.
@@ -723,8 +725,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Train as ``args`` (from :func:`resolve_args`) says.
 
     Returns:
-        output_dir, eval_metrics (last epoch), best_metric/best_epoch, history (per-epoch metrics and cumulative
-        wall time), model (the evaluated module, EMA if any, unwrapped), data_config, args.
+        output_dir, eval_metrics (last epoch), best_metric/best_epoch, history (the metrics of each evaluated epoch,
+        with cumulative wall time), model (the evaluated module, EMA if any, unwrapped), data_config, args.
 
     Raises:
         NonFiniteLossError: when the loss stops being finite; checkpoints from earlier epochs are kept.
@@ -938,7 +940,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     eval_metrics: dict[str, float] = {}
     best_metric = best_epoch = None
-    history: list[dict[str, float]] = []  # per epoch, with cumulative wall time (for accuracy-vs-time plots)
+    history: list[dict[str, float]] = []  # per evaluated epoch, with cumulative wall time (accuracy-vs-time plots)
+    metric: float | None = None  # the epoch's eval_metric, None after an epoch val_interval skips
     t_start = time.perf_counter()
     num_updates = start_epoch * updates_per_epoch
     epoch = start_epoch
@@ -1003,44 +1006,54 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         train_metrics = OrderedDict(loss=train_loss.item())
         train_time = time.perf_counter() - t_epoch
 
-        # with an EMA only the EMA is evaluated: its metrics are the ones recorded (as in train.py's summary), and
-        # a second pass over the test set for the raw weights would cost time for a number nobody sees
-        eval_model = task.get_eval_model(ema=task.has_ema())
-        assert eval_model is not None
-        t_eval = time.perf_counter()
-        eval_metrics = _evaluate(task, eval_model, loader_eval, args, device, amp_autocast)
-        eval_time = time.perf_counter() - t_eval
-        lrs = [group['lr'] for group in optimizer.param_groups]
-        if primary:
-            assert output_dir is not None and saver is not None
-            update_summary(
-                epoch,
-                train_metrics,
-                eval_metrics,
-                filename=str(output_dir / 'summary.csv'),
-                lr=sum(lrs) / len(lrs),
-            )  # timm writes the header when the file is new, so a resumed run appends to its own log
-            best_metric, best_epoch = saver.save_checkpoint(epoch, metric=eval_metrics[args.eval_metric])
-            _logger.info(
-                f'epoch {epoch + 1}/{num_epochs}  train loss {train_metrics["loss"]:.4f}  '
-                f'eval loss {eval_metrics["loss"]:.4f}  top-1 {eval_metrics["top1"]:.2f}  '
-                f'top-5 {eval_metrics["top5"]:.2f}  '
-                + (f'(single view {eval_metrics["top1_single"]:.2f})  ' if args.eval_hflip else '')
-                + f'({train_time:.0f}s, {seen / train_time:.0f} img/s)'
+        if (epoch + 1) % args.val_interval and epoch + 1 != num_epochs:
+            # train.py's --val-interval: no evaluation, summary row or checkpoint after this epoch
+            metric = None
+            if primary:
+                _logger.info(
+                    f'epoch {epoch + 1}/{num_epochs}  train loss {train_metrics["loss"]:.4f}  (not evaluated: '
+                    f'val_interval {args.val_interval})  ({train_time:.0f}s, {seen / train_time:.0f} img/s)'
+                )
+        else:
+            # with an EMA only the EMA is evaluated: its metrics are the ones recorded (as in train.py's summary), and
+            # a second pass over the test set for the raw weights would cost time for a number nobody sees
+            eval_model = task.get_eval_model(ema=task.has_ema())
+            assert eval_model is not None
+            t_eval = time.perf_counter()
+            eval_metrics = _evaluate(task, eval_model, loader_eval, args, device, amp_autocast)
+            eval_time = time.perf_counter() - t_eval
+            metric = eval_metrics[args.eval_metric]
+            lrs = [group['lr'] for group in optimizer.param_groups]
+            if primary:
+                assert output_dir is not None and saver is not None
+                update_summary(
+                    epoch,
+                    train_metrics,
+                    eval_metrics,
+                    filename=str(output_dir / 'summary.csv'),
+                    lr=sum(lrs) / len(lrs),
+                )  # timm writes the header when the file is new, so a resumed run appends to its own log
+                best_metric, best_epoch = saver.save_checkpoint(epoch, metric=metric)
+                _logger.info(
+                    f'epoch {epoch + 1}/{num_epochs}  train loss {train_metrics["loss"]:.4f}  '
+                    f'eval loss {eval_metrics["loss"]:.4f}  top-1 {eval_metrics["top1"]:.2f}  '
+                    f'top-5 {eval_metrics["top5"]:.2f}  '
+                    + (f'(single view {eval_metrics["top1_single"]:.2f})  ' if args.eval_hflip else '')
+                    + f'({train_time:.0f}s, {seen / train_time:.0f} img/s)'
+                )
+            history.append(
+                dict(
+                    epoch=epoch,
+                    wall_time=time.perf_counter() - t_start,
+                    train_time=train_time,
+                    train_images=seen,
+                    eval_time=eval_time,
+                    train_loss=train_metrics['loss'],
+                    **eval_metrics,
+                )
             )
-        history.append(
-            dict(
-                epoch=epoch,
-                wall_time=time.perf_counter() - t_start,
-                train_time=train_time,
-                train_images=seen,
-                eval_time=eval_time,
-                train_loss=train_metrics['loss'],
-                **eval_metrics,
-            )
-        )
         if lr_scheduler is not None:
-            lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+            lr_scheduler.step(epoch + 1, metric)
         # After each epoch from the second, the pace so far says how many epochs fit the budget. Refits stop before
         # the last fifth and before crop/mixup switch off: late in a cosine a change of length would jolt the low lr.
         switches = [args.crop_off_epoch or num_epochs, args.mixup_off_epoch or num_epochs]
@@ -1053,7 +1066,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 _set_epochs(args, planned, max(fitted - extra, 1))
                 # the optimizer keeps its initial_lr, so the new schedule starts from the same base
                 lr_scheduler, num_epochs = _create_scheduler(args, optimizer, updates_per_epoch)
-                lr_scheduler.step(epoch + 1, eval_metrics[args.eval_metric])
+                lr_scheduler.step(epoch + 1, metric)
                 lr_scheduler.step_update(num_updates=num_updates)
                 if primary:
                     assert output_dir is not None
