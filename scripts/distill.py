@@ -56,7 +56,7 @@ def _summary(name: str, history: list[dict]) -> dict:
     in_budget = [h['top1'] for h in history if timed and h['wall_time'] <= BUDGET_S]
     return dict(
         run=name,
-        epochs=len(history),
+        epochs=history[-1]['epoch'] + 1,  # history has the evaluated epochs only (val_interval)
         wall_time=history[-1]['wall_time'] if timed else None,
         top1=history[-1]['top1'],
         # a recipe with eval_hflip scores each image with its mirror as top1, the image alone as top1_single
