@@ -23,6 +23,7 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q
 
 # the suite without the tests marked slow, for quick iteration (make test, and so CI, runs everything)
@@ -33,11 +34,12 @@ test-fast: $(STAMP)
 timm-tests: $(STAMP)
 	PYTHON=$(BIN)/python scripts/timm_test_models.sh
 
-# what .pre-commit-config.yaml runs too; mypy's files and settings are in pyproject.toml ([tool.mypy])
+# what .pre-commit-config.yaml runs too; mypy's and import-linter's settings are in pyproject.toml
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix .
