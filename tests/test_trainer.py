@@ -17,7 +17,9 @@ from timm.data.random_erasing import RandomErasing
 
 import timm_smallvit
 from timm_smallvit import trainer as trainer_module
-from timm_smallvit.data import BatchAugment, BatchLoader, load_fashion_mnist
+from timm_smallvit.augment import BatchAugment
+from timm_smallvit.data import load_fashion_mnist
+from timm_smallvit.loader import BatchLoader
 from timm_smallvit.trainer import (
     QUICK_TRAINER_KEYS,
     TRAIN_PY_DEFAULTS,

@@ -1,4 +1,4 @@
-"""Small image datasets held in memory, with augmentation done on whole batches.
+"""Small image datasets read into memory: the Fashion-MNIST release, torchvision datasets, image folders.
 
 :class:`SmallImageDataset` reads a dataset as timm's train.py names it (an image folder, or ``torch/<name>``),
 decodes it once into a uint8 tensor at the model's input size and keeps that tensor in the cache, so later runs
@@ -8,19 +8,16 @@ Fashion-MNIST comes from the official release files, offline: :func:`prepare_fas
 their published MD5 sums every time they are read and unpacks copies into a torchvision root in the cache, keyed by
 those sums, where torchvision's ``FashionMNIST(root)`` reads them (and train.py, through ``smallvit train-py``).
 
-For 28-32 px images, per-image PIL transforms and worker processes cost more than the model; here the uint8 images
-stay in one tensor and each batch is cropped, flipped and erased as a whole (one ``grid_sample`` call), which is
-what :class:`BatchLoader` does for the quick trainer.
+The quick trainer batches the decoded tensors with :class:`~timm_smallvit.loader.BatchLoader`.
 """
 
 import gzip
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -28,13 +25,11 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from filelock import FileLock
 from PIL import Image, UnidentifiedImageError
 from safetensors.torch import load_file, save_file
 from timm.data import get_img_extensions
 from timm.data.dataset_factory import _EVAL_SYNONYM, _TRAIN_SYNONYM
-from timm.data.random_erasing import RandomErasing
 from timm.data.readers.class_map import load_class_map
 from timm.data.readers.reader_image_folder import find_images_and_targets
 from timm.data.transforms import str_to_pil_interp
@@ -47,8 +42,6 @@ from ._files import write_atomically
 __all__ = [
     'CIFAR10_CLASSES',
     'FASHION_MNIST_CLASSES',
-    'BatchAugment',
-    'BatchLoader',
     'ImageSplit',
     'SmallImageDataset',
     'default_cache_dir',
@@ -590,174 +583,3 @@ def _cached(key: str, decode: Callable[[], torch.Tensor]) -> torch.Tensor:
 
 def _physical_memory() -> int:
     return os.sysconf('SC_PAGE_SIZE') * os.sysconf('SC_PHYS_PAGES')
-
-
-class BatchAugment:
-    """timm's training augmentation for a whole batch: random-resized crop, horizontal flip, colour jitter.
-
-    Same parameters as timm's ``create_transform(is_training=True)`` (``scale``, ``ratio``, ``hflip``,
-    ``color_jitter``): each image gets its own crop box, flip and jitter factors, and the resize to ``img_size``
-    happens in the same ``grid_sample`` call. ``scale=None`` skips cropping (resize only). Random erasing works on
-    normalised images, so :class:`BatchLoader` applies it after normalising.
-    """
-
-    def __init__(
-        self,
-        img_size: tuple[int, int],
-        scale: Sequence[float] | None = (0.08, 1.0),
-        ratio: Sequence[float] = (3 / 4, 4 / 3),
-        hflip: float = 0.5,
-        color_jitter: float | Sequence[float] | None = None,
-        interpolation: str = 'bilinear',
-    ) -> None:
-        self.img_size = tuple(img_size)
-        self.scale = tuple(scale) if scale is not None else None
-        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-        self.hflip = hflip
-        if color_jitter is None or isinstance(color_jitter, (int, float)):
-            color_jitter = (float(color_jitter or 0.0),) * 3  # timm: one value is brightness, contrast, saturation
-        self.jitter = tuple(float(c) for c in color_jitter[:3])  # hue (a 4th value) is not applied
-        self.mode = interpolation if interpolation in ('bilinear', 'bicubic', 'nearest') else 'bilinear'
-
-    def _factors(
-        self, strength: float, B: int, generator: torch.Generator | None, device: torch.device
-    ) -> torch.Tensor:
-        factors = torch.empty(B, 1, 1, 1).uniform_(max(0.0, 1 - strength), 1 + strength, generator=generator)
-        return factors.to(device)
-
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """x: float images in [0, 1], (B, C, H, W) -> augmented (B, C, *img_size), still in [0, 1].
-
-        The random parameters come from ``generator`` on the CPU (so a seed gives the same batch on any device);
-        the resampling runs where ``x`` is.
-        """
-        B = x.shape[0]
-        if self.scale is not None:
-            area = torch.empty(B).uniform_(*self.scale, generator=generator)
-            log_r = torch.empty(B).uniform_(*self.log_ratio, generator=generator)
-            # crop width and height as fractions of the image, clipped to it (torchvision retries instead)
-            w = torch.sqrt(area * log_r.exp()).clamp(max=1.0)
-            h = torch.sqrt(area / log_r.exp()).clamp(max=1.0)
-            cx = (torch.rand(B, generator=generator) * 2 - 1) * (1 - w)
-            cy = (torch.rand(B, generator=generator) * 2 - 1) * (1 - h)
-        else:
-            w = h = torch.ones(B)
-            cx = cy = torch.zeros(B)
-        flip = torch.where(torch.rand(B, generator=generator) < self.hflip, -1.0, 1.0)
-        theta = torch.zeros(B, 2, 3)
-        theta[:, 0, 0] = w * flip
-        theta[:, 0, 2] = cx
-        theta[:, 1, 1] = h
-        theta[:, 1, 2] = cy
-        grid = F.affine_grid(theta.to(x.device), [B, x.shape[1], *self.img_size], align_corners=False)
-        x = F.grid_sample(x, grid, mode=self.mode, padding_mode='border', align_corners=False)
-
-        brightness, contrast, saturation = self.jitter  # applied in this order (torchvision shuffles it)
-        if brightness > 0:
-            x = (x * self._factors(brightness, B, generator, x.device)).clamp_(0, 1)
-        if contrast > 0 or (saturation > 0 and x.shape[1] == 3):
-            gray = x.mean(dim=1, keepdim=True) if x.shape[1] == 1 else (x * _LUMA.to(x)).sum(1, keepdim=True)
-            if contrast > 0:
-                c = self._factors(contrast, B, generator, x.device)
-                x = (c * x + (1 - c) * gray.mean(dim=(2, 3), keepdim=True)).clamp_(0, 1)
-            if saturation > 0 and x.shape[1] == 3:
-                gray = (x * _LUMA.to(x)).sum(1, keepdim=True)
-                s = self._factors(saturation, B, generator, x.device)
-                x = (s * x + (1 - s) * gray).clamp_(0, 1)
-        return x
-
-
-_LUMA = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)  # torchvision's rgb_to_grayscale weights
-
-
-class BatchLoader:
-    """Batches of an in-memory uint8 dataset, normalised and (optionally) augmented, one shard per process.
-
-    Args:
-        images: (N, C, H, W) uint8.
-        labels: (N,) int64.
-        batch_size: Per-process batch size.
-        mean, std: Normalisation, per channel, for [0, 1] images.
-        img_size: Output size; eval batches are resized to it when the images differ.
-        augment: Training augmentation; None for evaluation batches (resize only).
-        erase: Random erasing (timm's, on normalised images) after augmentation.
-        shuffle: Reshuffle every epoch (seeded with seed + epoch, identical on every process).
-        drop_last: Drop the last partial batch (training).
-        rank, world_size: This process's shard of each epoch's order.
-        interpolation: Resize mode for evaluation batches.
-        channels_last: Yield batches in NHWC memory layout (for a model converted to channels_last).
-        device: Where the dataset is held and batches are built and augmented (a GPU: no per-batch copies and no
-            CPU augmentation in the GPU's way; Fashion-MNIST is 47 MB). Random parameters are drawn on the CPU,
-            so a seed gives the same crops and flips on every device.
-    """
-
-    def __init__(
-        self,
-        images: torch.Tensor,
-        labels: torch.Tensor,
-        batch_size: int,
-        mean: Sequence[float],
-        std: Sequence[float],
-        img_size: tuple[int, int],
-        augment: BatchAugment | None = None,
-        erase: RandomErasing | None = None,
-        shuffle: bool = False,
-        drop_last: bool = False,
-        seed: int = 0,
-        rank: int = 0,
-        world_size: int = 1,
-        interpolation: str = 'bilinear',
-        channels_last: bool = False,
-        device: torch.device | str = 'cpu',
-    ) -> None:
-        if images.dtype != torch.uint8 or images.ndim != 4:
-            raise ValueError(f'Expected (N, C, H, W) uint8 images, got {tuple(images.shape)} {images.dtype}.')
-        if len(mean) != images.shape[1] or len(std) != images.shape[1]:
-            raise ValueError(f'mean/std have {len(mean)}/{len(std)} values for {images.shape[1]}-channel images.')
-        self.device = torch.device(device)
-        self.images, self.labels = images.to(self.device), labels.to(self.device)
-        self.batch_size = batch_size
-        self.mean = torch.tensor(mean, device=self.device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, device=self.device).view(1, -1, 1, 1)
-        self.img_size = tuple(img_size)
-        self.augment = augment
-        self.erase = erase
-        self.shuffle, self.drop_last = shuffle, drop_last
-        self.seed, self.rank, self.world_size = seed, rank, world_size
-        self.interpolation = interpolation if interpolation in ('bilinear', 'bicubic', 'nearest') else 'bilinear'
-        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.epoch = 0
-        self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-        # a fresh stream per epoch, so a run resumed at epoch N augments exactly as an uninterrupted one
-        self.generator.manual_seed(self.seed * 1000 + self.rank + 7919 * epoch)
-
-    def _order(self) -> torch.Tensor:
-        n = len(self.images)
-        if self.shuffle:
-            return torch.randperm(n, generator=torch.Generator().manual_seed(self.seed + self.epoch))
-        return torch.arange(n)
-
-    def __len__(self) -> int:
-        global_batch = self.batch_size * self.world_size
-        n = len(self.images)
-        return n // global_batch if self.drop_last else math.ceil(n / global_batch)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        # Each step takes one global batch of the shared order and gives every process its slice of it, so
-        # N processes with batch_size B see the same samples per step as one process with batch_size N * B.
-        order = self._order().to(self.device)  # one copy an epoch, not one a batch
-        global_batch = self.batch_size * self.world_size
-        for i in range(len(self)):
-            idx = torch.tensor_split(order[i * global_batch : (i + 1) * global_batch], self.world_size)[self.rank]
-            x = self.images[idx].float().div_(255)  # (B, C, H, W) in [0, 1]
-            if self.augment is not None:
-                x = self.augment(x, generator=self.generator)
-            elif x.shape[-2:] != self.img_size:
-                x = F.interpolate(x, size=self.img_size, mode=self.interpolation, align_corners=False)
-            x = x.sub_(self.mean).div_(self.std)
-            if self.erase is not None:
-                x = self.erase(x)
-            yield x.contiguous(memory_format=self.memory_format), self.labels[idx]

@@ -14,9 +14,10 @@ from typing import Any
 import timm
 import torch
 
-from .data import BatchLoader, load_dataset
+from .data import load_dataset
 from .hub import export_checkpoint
 from .launch import recipe_path
+from .loader import BatchLoader
 from .trainer import autocast_context, load_recipe, resolve_args, train
 
 __all__ = ['run_demo']

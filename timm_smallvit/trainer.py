@@ -55,7 +55,9 @@ from timm.utils import (
 )
 from tqdm import tqdm
 
-from .data import TORCH_DATASETS, BatchAugment, BatchLoader, SmallImageDataset
+from .augment import BatchAugment
+from .data import TORCH_DATASETS, SmallImageDataset
+from .loader import BatchLoader
 from .smallvit import SmallViT, checkpoint_filter_fn
 
 __all__ = [
