@@ -329,8 +329,8 @@ def count_flops(model: nn.Module, in_shape: tuple[int, ...], num_classes: int, k
     # FlopCounterMode tracks modules with global hooks, and smallvit's forward then runs its full last block (as it
     # does for any hook): count the forward that runs unobserved
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if getattr(model, '_trims', None) is not None and model._trims():
-            return model.forward_head(model._forward_class_token(x))
+        if getattr(model, 'trims_last_block', None) is not None and model.trims_last_block():
+            return model.forward_head(model.forward_class_token(x))
         return model(x)
 
     with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:

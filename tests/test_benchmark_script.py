@@ -120,7 +120,7 @@ def test_cpu_attention_flops_are_counted(bench):
         x = torch.randn(1, 1, 28, 28)
         with FlopCounterMode(display=False) as plain, torch.no_grad():
             # FlopCounterMode's module hooks make smallvit run its full last block: count the unobserved forward
-            model.forward_head(model._forward_class_token(x)) if name == 'smallvit' else model(x)
+            model.forward_head(model.forward_class_token(x)) if name == 'smallvit' else model(x)
         assert counted - plain.get_total_flops() == attention_flops, name
 
 

@@ -52,7 +52,14 @@ from torch.jit import Final
 
 from .data import FASHION_MNIST_CLASSES
 
-__all__ = ['SmallViT', 'checkpoint_filter_fn', 'convert_d2l_state_dict', 'to_vision_transformer']
+__all__ = [
+    'SmallViT',
+    'checkpoint_filter_fn',
+    'convert_d2l_state_dict',
+    'explicit_attention',
+    'model_blocks',
+    'to_vision_transformer',
+]
 
 PoolType = Literal['token', 'avg', 'max', 'avgmax', '']
 POOL_TYPES: tuple[PoolType, ...] = ('token', 'avg', 'max', 'avgmax', '')
@@ -495,7 +502,7 @@ class SmallViT(VisionTransformer):
     @torch.jit.ignore
     def set_fused_attn(self, enable: bool = True) -> None:
         """Switch every block between fused attention and the explicit softmax path (same results)."""
-        for block in _blocks(self):
+        for block in model_blocks(self):
             block.attn.fused_attn = enable  # type: ignore[misc]  # timm's Final: constant once scripted
 
     @torch.jit.ignore
@@ -510,7 +517,7 @@ class SmallViT(VisionTransformer):
             global_pool = resolve_global_pool(global_pool, self.has_class_token)  # raises before any change
         super().reset_classifier(num_classes, global_pool)
 
-    def _forward_class_token(self, x: torch.Tensor) -> torch.Tensor:
+    def forward_class_token(self, x: torch.Tensor) -> torch.Tensor:
         """``forward_features(x)[:, :1]``, with the last block computing the class token's output alone."""
         x = self.patch_embed(x)
         x = self._pos_embed(x)  # (B, 1 + N, D)
@@ -533,15 +540,15 @@ class SmallViT(VisionTransformer):
         is_causal: bool = False,
     ) -> torch.Tensor:
         trim = False
-        if self._trims() and attn_mask is None and not is_causal and not torch.jit.is_scripting():
+        if self.trims_last_block() and attn_mask is None and not is_causal and not torch.jit.is_scripting():
             trim = self._unobserved(x)
         if trim:
-            x = self._forward_class_token(x)
+            x = self.forward_class_token(x)
         else:
             x = self.forward_features(x, attn_mask=attn_mask, is_causal=is_causal)
         return self.forward_head(x)
 
-    def _trims(self) -> bool:
+    def trims_last_block(self) -> bool:
         """Whether forward computes the last block for the class token alone, when nothing observes it."""
         return self.trim_last_block and self.global_pool == 'token' and self.has_class_token and len(self.blocks) > 0
 
@@ -559,7 +566,7 @@ class SmallViT(VisionTransformer):
         )
 
 
-def _blocks(model: SmallViT) -> list[Block]:
+def model_blocks(model: SmallViT) -> list[Block]:
     """The model's transformer blocks as :class:`Block` (nn.Sequential yields them typed as nn.Module)."""
     blocks = []
     for blk in model.blocks:
@@ -575,7 +582,7 @@ def explicit_attention(model: SmallViT) -> Iterator[None]:
 
     Each block's own fused-attention setting comes back afterwards, as it was.
     """
-    blocks = _blocks(model)
+    blocks = model_blocks(model)
     fused = [blk.attn.fused_attn for blk in blocks]
     model.set_fused_attn(False)
     try:
@@ -652,7 +659,7 @@ def checkpoint_filter_fn(state_dict: dict[str, Any], model: SmallViT) -> dict[st
     # timm's ViT filter reads only what SmallViT shares with VisionTransformer (patch_embed, pos_embed, prefix tokens)
     state_dict = _vit_checkpoint_filter_fn(state_dict, model)
 
-    blocks = _blocks(model)
+    blocks = model_blocks(model)
     model_has_proj_bias = bool(blocks) and blocks[0].attn.proj.bias is not None
     out = {}
     for key, value in state_dict.items():
@@ -671,7 +678,7 @@ def to_vision_transformer(model: SmallViT) -> VisionTransformer:
     """Build timm's ``VisionTransformer`` with the same shape and weights as ``model`` (same logits in eval)."""
     if isinstance(model.patch_embed, ConvStem):
         raise ValueError("A conv-stem smallvit has no timm VisionTransformer counterpart (its stem isn't a patchify).")
-    blocks = _blocks(model)
+    blocks = model_blocks(model)
     block = blocks[0] if blocks else None
     eps = next(m.eps for m in (model.norm, model.fc_norm) if isinstance(m, nn.LayerNorm))
     vit = VisionTransformer(
