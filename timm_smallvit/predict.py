@@ -30,6 +30,7 @@ from timm.utils.attention_extract import AttentionExtract
 from tqdm import tqdm
 
 from ._files import write_atomically
+from .data import IMAGE_EXTENSIONS
 from .smallvit import SmallViT, explicit_attention
 
 __all__ = ['attention_maps', 'attention_rollout', 'find_images', 'load_model', 'predict']
@@ -89,9 +90,9 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
     """Image files from paths, folders (searched recursively, by image extension) and glob patterns, in order.
 
     A file named on its own is taken whatever its extension (if it is not an image, predict says so); folders and
-    globs contribute files with an extension Pillow reads.
+    globs contribute files with an image extension (:data:`~timm_smallvit.data.IMAGE_EXTENSIONS`).
     """
-    extensions = {ext.lower() for ext in Image.registered_extensions()}
+    extensions = IMAGE_EXTENSIONS
     found: list[Path] = []
     for item in inputs:
         path = Path(item)
