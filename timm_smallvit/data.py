@@ -11,13 +11,16 @@ those sums, where torchvision's ``FashionMNIST(root)`` reads them (and train.py,
 The quick trainer batches the decoded tensors with :class:`~timm_smallvit.loader.BatchLoader`.
 """
 
+import errno
 import gzip
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,7 +30,8 @@ import numpy as np
 import torch
 from filelock import FileLock
 from PIL import Image, UnidentifiedImageError
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+from safetensors.torch import save
 from timm.data import get_img_extensions
 from timm.data.dataset_factory import _EVAL_SYNONYM, _TRAIN_SYNONYM
 from timm.data.readers.class_map import load_class_map
@@ -42,7 +46,6 @@ from ._files import write_atomically
 __all__ = [
     'CIFAR10_CLASSES',
     'FASHION_MNIST_CLASSES',
-    'IMAGE_EXTENSIONS',
     'ImageSplit',
     'SmallImageDataset',
     'default_cache_dir',
@@ -53,7 +56,18 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-FASHION_MNIST_CLASSES: tuple[str, ...] = tuple(FashionMNIST.classes)  # torchvision's names, in label order
+FASHION_MNIST_CLASSES: tuple[str, ...] = (
+    'T-shirt/top',
+    'Trouser',
+    'Pullover',
+    'Dress',
+    'Coat',
+    'Sandal',
+    'Shirt',
+    'Sneaker',
+    'Bag',
+    'Ankle boot',
+)
 CIFAR10_CLASSES: tuple[str, ...] = (
     'airplane',
     'automobile',
@@ -84,12 +98,13 @@ DATASETS: dict[str, tuple[str, ...]] = {
     'torch/fashion_mnist': FASHION_MNIST_CLASSES,
     'torch/cifar10': CIFAR10_CLASSES,
 }
-# the one definition of what counts as an image file (image folders, predict's folder and glob search): timm's
-# extensions (what train.py reads) and the other common formats Pillow reads
-IMAGE_EXTENSIONS: tuple[str, ...] = tuple(dict.fromkeys((*get_img_extensions(), '.bmp', '.webp')))
+# what image folders may hold: timm's extensions (what train.py reads) and the other formats Pillow reads
+IMAGE_EXTENSIONS = tuple(dict.fromkeys((*get_img_extensions(), '.bmp', '.webp')))
 # a dataset whose decoded tensors would take more than this share of the machine's memory is refused
 MEMORY_SHARE = 0.5
-_DECODE_VERSION = 1  # part of every cache key: a change to how images are decoded decodes them again
+_READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DECODE_VERSION = 2  # part of every cache key: a change to how images are decoded decodes them again
 
 
 def default_cache_dir() -> Path:
@@ -205,13 +220,21 @@ def load_fashion_mnist(
     raise AssertionError('unreachable')
 
 
-def _unpack_lock(root: Path) -> FileLock:
+def _unpack_lock(root: Path) -> AbstractContextManager[Any]:
     # Processes started together (torchrun ranks, parallel runs) would read each other's half-written files. The
     # lock lives in the cache, since the dataset folder may be read-only.
     key = hashlib.sha256(str(Path(root).resolve()).encode()).hexdigest()[:16]
-    locks = default_cache_dir() / 'locks'
-    locks.mkdir(parents=True, exist_ok=True)
-    return FileLock(locks / f'{key}.lock')
+    path = default_cache_dir() / 'locks' / f'{key}.lock'
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o644))  # what taking the lock needs
+    except OSError as e:
+        if e.errno not in _READ_ONLY:
+            raise
+        # a read-only cache (a shared copy): what it holds is read without a lock, and nothing is written to it
+        _logger.debug(f'{path.parent}: read-only ({e.strerror}); reading the cache without a lock.')
+        return nullcontext()
+    return FileLock(path)
 
 
 def load_dataset(
@@ -444,7 +467,7 @@ class SmallImageDataset:
         labels = torch.tensor([label for _, label in samples], dtype=torch.int64)
         paths = [Path(p) for p, _ in samples]
         key = _cache_key('folder', str(folder.resolve()), mode, size, interp, self.classes,
-                         [label for _, label in samples], _stats(paths, folder))  # fmt: skip
+                         [label for _, label in samples], _content_digest(paths, folder))  # fmt: skip
 
         def decode() -> torch.Tensor:
             return _decode((partial(_open_image, p, mode) for p in paths), len(paths), mode, size, interp,
@@ -544,13 +567,22 @@ def _channels(mode: str) -> int:
     return len(Image.new(mode, (1, 1)).getbands())
 
 
-def _stats(paths: Sequence[Path], base: Path) -> list[tuple[str, int, int]]:
-    # name, size and modification time of every file read: a changed, added or removed file changes the key
-    stats = []
+def _content_digest(paths: Sequence[Path], base: Path) -> str:
+    """SHA-256 of every file's name and bytes: names, sizes and times can lie (`touch -d`), the bytes cannot."""
+    digest = hashlib.sha256()
     for path in paths:
-        st = path.stat()
-        stats.append((os.path.relpath(path, base), st.st_size, st.st_mtime_ns))
-    return stats
+        fd = os.open(path, os.O_RDONLY)  # the lowest-cost read of many small files
+        try:
+            chunks = [os.read(fd, 1 << 16)]
+            while len(chunks[-1]) == 1 << 16:
+                chunks.append(os.read(fd, 1 << 16))
+        finally:
+            os.close(fd)
+        name = os.path.relpath(path, base).encode('utf-8', 'surrogateescape')
+        content = b''.join(chunks)
+        digest.update(b'%d:%b%d:' % (len(name), name, len(content)))
+        digest.update(content)
+    return digest.hexdigest()
 
 
 def _cache_key(*parts: Any) -> str:
@@ -560,16 +592,59 @@ def _cache_key(*parts: Any) -> str:
 def _cached(key: str, decode: Callable[[], torch.Tensor]) -> torch.Tensor:
     """The decoded images stored under ``key`` in the cache, decoding (and storing) them when absent or damaged."""
     path = default_cache_dir() / 'decoded' / f'{key}.safetensors'
-    path.parent.mkdir(parents=True, exist_ok=True)
     with _unpack_lock(path):  # torchrun ranks decode once
         if path.is_file():
-            try:
-                return load_file(path)['images']
-            except Exception as e:  # a damaged or truncated cache file: decode again
-                _logger.warning(f'{path}: unreadable decoded cache ({e}); decoding again.')
-        images = decode()
-        write_atomically(path, lambda tmp: save_file({'images': images.contiguous()}, tmp))
+            images = _read_cache(path)
+            if images is not None:
+                return images
+        images = decode().contiguous()
+        _write_cache(path, images)
         return images
+
+
+def _pixels_digest(images: torch.Tensor) -> str:
+    return hashlib.sha256(images.contiguous().numpy().data).hexdigest()
+
+
+def _read_cache(path: Path) -> torch.Tensor | None:
+    # the file's digest of its pixels catches what its header cannot: bytes changed behind an intact header
+    try:
+        with safe_open(path, 'pt') as f:
+            stored = (f.metadata() or {}).get('pixels_sha256')
+            images = f.get_tensor('images')
+    except Exception as e:  # a damaged or truncated cache file: decode again
+        _logger.warning(f'{path}: unreadable decoded cache ({e}); decoding again.')
+        return None
+    if stored != _pixels_digest(images):
+        _logger.warning(f'{path}: decoded cache whose pixels do not match their digest (damaged); decoding again.')
+        return None
+    return images
+
+
+def _write_cache(path: Path, images: torch.Tensor) -> None:
+    # written from Python, so that a full disk is an OSError with its errno (safetensors' writer hides it)
+    content = save({'images': images}, metadata={'pixels_sha256': _pixels_digest(images)})
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, lambda tmp: Path(tmp).write_bytes(content))
+    except OSError as e:
+        if e.errno in _DISK_FULL:
+            raise OSError(
+                f'no space left on {_mount_point(path.parent)}: {math.ceil(len(content) / 1e6)} MB needed for the '
+                f'decoded cache {path}. Free some space, or set SMALLVIT_CACHE to a folder on another disk.'
+            ) from None
+        if e.errno not in _READ_ONLY:
+            raise
+        _logger.warning(f'{path.parent}: cannot store the decoded images ({e.strerror}); decoding again next time.')
+
+
+def _mount_point(path: Path) -> Path:
+    path = path.resolve()
+    while not path.exists():
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
 
 
 def _physical_memory() -> int:
