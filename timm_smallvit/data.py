@@ -46,6 +46,7 @@ from ._files import write_atomically
 __all__ = [
     'CIFAR10_CLASSES',
     'FASHION_MNIST_CLASSES',
+    'IMAGE_EXTENSIONS',
     'ImageSplit',
     'SmallImageDataset',
     'default_cache_dir',
@@ -56,18 +57,7 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    'T-shirt/top',
-    'Trouser',
-    'Pullover',
-    'Dress',
-    'Coat',
-    'Sandal',
-    'Shirt',
-    'Sneaker',
-    'Bag',
-    'Ankle boot',
-)
+FASHION_MNIST_CLASSES: tuple[str, ...] = tuple(FashionMNIST.classes)  # torchvision's names, in label order
 CIFAR10_CLASSES: tuple[str, ...] = (
     'airplane',
     'automobile',
@@ -98,8 +88,9 @@ DATASETS: dict[str, tuple[str, ...]] = {
     'torch/fashion_mnist': FASHION_MNIST_CLASSES,
     'torch/cifar10': CIFAR10_CLASSES,
 }
-# what image folders may hold: timm's extensions (what train.py reads) and the other formats Pillow reads
-IMAGE_EXTENSIONS = tuple(dict.fromkeys((*get_img_extensions(), '.bmp', '.webp')))
+# the one definition of what counts as an image file (image folders, predict's folder and glob search): timm's
+# extensions (what train.py reads) and the other common formats Pillow reads
+IMAGE_EXTENSIONS: tuple[str, ...] = tuple(dict.fromkeys((*get_img_extensions(), '.bmp', '.webp')))
 # a dataset whose decoded tensors would take more than this share of the machine's memory is refused
 MEMORY_SHARE = 0.5
 _READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
