@@ -198,8 +198,24 @@ CASES = [
          load_train, check=grey_values(9, 1)),
     Case('8_cache_write_on_a_full_disk', both(folder(), full_disk(data_module)), load_train,
          error=r'no space left on .*: \d+(\.\d+)? MB needed .*decoded'),
-    # 12: a read-only cache that holds the data works
+    # 5: symlinked folders are followed once at most; a loop is an error naming it
+    Case('5_symlink_loop_to_the_split', folder(links={'train/a/loop': '..'}), load_train,
+         error=r'train/a/loop: symlink loop'),
+    Case('5_symlink_to_itself', folder(links={'train/b/self': '.'}), load_train, error=r'train/b/self: symlink loop'),
+    Case('5_two_links_to_one_folder', folder(links={'train/c': 'a'}), load_train,
+         error=r'train/c: .*same folder as .*train/a'),
+    Case('5_link_to_a_folder_outside_is_read_once',
+         folder({**GOOD, 'extra/c/5.png': png(5)}, links={'train/c': '../extra/c'}), load_train,
+         check=grey_values(1, 2, 5)),
+    # 7: 16-bit images are scaled to 8 bits, not clipped to white
+    Case('7_16_bit_png', folder({**GOOD, 'train/a/1.png': png(RAMP * 257)}), load_train, check=first_image(RAMP)),
+    # 8: one-line errors naming the file
+    Case('8_decompression_bomb', both(folder(), pillow_limit(100)), load_train,
+         error=r'train/a/1.png: .*decompression bomb'),
+    # 12: a read-only cache that holds the data works; a one-class dataset warns
     Case('12_read_only_cache_holding_the_data', folder(then=read_only_cache), load_train, check=grey_values(1, 2)),
+    Case('12_one_class', folder({'train/a/1.png': png(1), 'val/a/3.png': png(3)}), load_train,
+         warning=r'train: one class \(a\)'),
 ]  # fmt: skip
 
 

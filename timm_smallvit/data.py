@@ -19,7 +19,7 @@ import logging
 import math
 import os
 import shutil
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -380,6 +380,11 @@ class SmallImageDataset:
                 )
             self._samples[which] = kept
         self.classes = tuple(sorted(class_to_idx, key=class_to_idx.__getitem__))
+        if len(self.classes) == 1:
+            _logger.warning(
+                f'{self.folders["train"]}: one class ({self.classes[0]}): every prediction is right, so its accuracy '
+                'says nothing. Add a folder of images for each other class.'
+            )
 
     def num_images(self, which: str) -> int:
         """Images in the 'train' or 'val' split."""
@@ -486,10 +491,12 @@ def _find_split(root: Path, split: str, which: str) -> Path:
 
 def _list_images(folder: Path) -> tuple[list[tuple[str, int]], dict[str, int]]:
     """timm's folder reader on one split: (path, class index) in timm's order, and its class index."""
-    for current, subdirs, files in os.walk(folder, followlinks=True):
-        subdirs[:] = [d for d in subdirs if not d.startswith('.')]  # .ipynb_checkpoints and the like
+    for current, subdirs, files in _walk_once(folder):
+        if any(part.startswith('.') for part in current.relative_to(folder).parts):
+            continue  # .ipynb_checkpoints and the like
+        subdirs = [d for d in subdirs if not d.startswith('.')]
         has_images = any(Path(f).suffix.lower() in IMAGE_EXTENSIONS for f in files)
-        if not subdirs and Path(current) != folder and not has_images:
+        if not subdirs and current != folder and not has_images:
             raise ValueError(
                 f'{current}: empty class folder (no {", ".join(e.lstrip(".") for e in IMAGE_EXTENSIONS)} images). '
                 'Add its images, or remove the folder.'
@@ -504,6 +511,33 @@ def _list_images(folder: Path) -> tuple[list[tuple[str, int]], dict[str, int]]:
     if not samples:
         raise ValueError(f'{folder}: no class folders of images ({folder}/<class>/<images>).')
     return samples, class_to_idx
+
+
+def _walk_once(folder: Path) -> Iterator[tuple[Path, list[str], list[str]]]:
+    """os.walk following symlinked folders, as timm's reader does, but each folder once: a loop is an error."""
+    # timm's reader walks with followlinks=True: a link to an ancestor (`ln -s .. loop`, `ln -s . self`) repeats the
+    # tree until the path is too long, and a second way to a folder reads its images twice under another class
+    seen: dict[tuple[int, int], Path] = {}
+
+    def visit(path: Path, above: frozenset[tuple[int, int]]) -> Iterator[tuple[Path, list[str], list[str]]]:
+        st = path.stat()
+        ident = (st.st_dev, st.st_ino)
+        if ident in above:
+            raise ValueError(f'{path}: symlink loop: it leads back to {seen[ident]}, which holds it. Remove the link.')
+        if ident in seen:
+            raise ValueError(
+                f'{path}: the same folder as {seen[ident]} (through a symlink): its images would be read twice. '
+                'Remove the link.'
+            )
+        seen[ident] = path
+        with os.scandir(path) as entries:
+            listing = sorted((e.name, e.is_dir()) for e in entries)
+        subdirs = [name for name, is_dir in listing if is_dir]
+        yield path, subdirs, [name for name, is_dir in listing if not is_dir]
+        for name in subdirs:
+            yield from visit(path / name, above | {ident})
+
+    return visit(folder, frozenset())
 
 
 def _read_class_map(class_map: str, root: Path, train_folder: Path, found: dict[str, int]) -> dict[str, int]:
@@ -525,9 +559,18 @@ def _read_class_map(class_map: str, root: Path, train_folder: Path, found: dict[
 def _open_image(path: Path, mode: str) -> Image.Image:
     try:
         with Image.open(path) as img:
-            return img.convert(mode)  # as timm's ImageDataset reads it (convert also loads the pixels)
+            # as timm's ImageDataset reads it (convert also loads the pixels), 16-bit images scaled, not clipped
+            return (_to_8_bits(img) if img.mode.startswith('I;16') else img).convert(mode)
+    except Image.DecompressionBombError as e:
+        raise ValueError(f'{path}: refused as a decompression bomb ({e}). Shrink it, or remove it.') from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:  # Pillow's errors for bad files
         raise ValueError(f'{path}: not a readable image ({e}). Replace or remove it.') from None
+
+
+def _to_8_bits(img: Image.Image) -> Image.Image:
+    # convert('L') clips 16-bit values at 255 (a nearly white image): scale 0-65535 to 0-255, rounded
+    wide = np.asarray(img).astype(np.uint32)
+    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
 
 
 def _decode(
