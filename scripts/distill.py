@@ -26,7 +26,7 @@ from timm.models import load_checkpoint
 from timm.models._hub import save_for_hf
 from timm.utils import ParseKwargs, setup_default_logging
 
-from timm_smallvit.hub import read_summary
+from timm_smallvit.card import read_summary
 from timm_smallvit.launch import recipe_path
 from timm_smallvit.trainer import load_recipe, resolve_args, train
 

@@ -21,7 +21,7 @@ from huggingface_hub import ModelCard, metadata_load
 
 import timm_smallvit
 from tests.hub_server import make_training_run
-from timm_smallvit import cli, hub
+from timm_smallvit import cli, export
 from timm_smallvit.data import FASHION_MNIST_CLASSES
 
 MODEL = 'smallvit_nano_patch4_28'
@@ -205,7 +205,7 @@ def test_cli_export_of_trained_weights_keeps_ema_metrics_out_of_model_index(run,
 def test_train_py_default_of_three_channels_comes_from_the_weights(tmp_path):
     # train.py builds in_chans=3 models unless --in-chans / --input-size is given, even for Fashion-MNIST
     run = make_training_run(tmp_path / 'run', epochs=1, in_chans=None, model_ema=False)
-    out = hub.export_checkpoint(run / 'last.pth.tar', tmp_path / 'out', repo_id='alice/rgb')
+    out = export.export_checkpoint(run / 'last.pth.tar', tmp_path / 'out', repo_id='alice/rgb')
     config = json.loads((out / 'config.json').read_text())
     assert config['model_args']['in_chans'] == 3 and config['pretrained_cfg']['input_size'] == [3, 28, 28]
     code = python_block((out / 'README.md').read_text())
@@ -223,9 +223,9 @@ def test_safetensors_input_needs_the_model_name(run, tmp_path):
     weights = tmp_path / 'weights.safetensors'
     safetensors.torch.save_file(state_dict, weights)
     with pytest.raises(ValueError, match=r'does not say which model it holds .* pass --model'):
-        hub.export_checkpoint(weights, tmp_path / 'out')
+        export.export_checkpoint(weights, tmp_path / 'out')
     assert not (tmp_path / 'out').exists()
-    out = hub.export_checkpoint(weights, tmp_path / 'out', model_name=MODEL, model_kwargs={'img_size': 28})
+    out = export.export_checkpoint(weights, tmp_path / 'out', model_name=MODEL, model_kwargs={'img_size': 28})
     assert torch.equal(
         logits(timm.create_model(f'local-dir:{out}', pretrained=True).eval()), logits(reference_model(state_dict))
     )
@@ -238,11 +238,11 @@ def test_non_empty_out_dir_is_refused_unless_overwrite(run, tmp_path):
     out.mkdir()
     (out / 'keep.txt').write_text('mine')
     with pytest.raises(FileExistsError, match='is not empty: choose a new OUT_DIR, or pass --overwrite'):
-        hub.export_checkpoint(run / 'last.pth.tar', out)
+        export.export_checkpoint(run / 'last.pth.tar', out)
     assert snapshot(out) == {'keep.txt': b'mine'}
     assert sorted(p.name for p in tmp_path.iterdir()) == ['out']  # no temporary folder left behind
 
-    hub.export_checkpoint(run / 'last.pth.tar', out, overwrite=True)
+    export.export_checkpoint(run / 'last.pth.tar', out, overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == [
         'README.md',
         'config.json',
@@ -256,7 +256,7 @@ def test_overwrite_never_replaces_the_run_folder_it_reads(run, tmp_path):
     copy = shutil.copytree(run, tmp_path / 'run')
     before = snapshot(copy)
     with pytest.raises(ValueError, match='an input of this export: choose an OUT_DIR outside it'):
-        hub.export_checkpoint(copy / 'last.pth.tar', copy, overwrite=True)
+        export.export_checkpoint(copy / 'last.pth.tar', copy, overwrite=True)
     assert snapshot(copy) == before
 
 
@@ -272,7 +272,7 @@ def test_interrupted_export_leaves_nothing_half_written(run, tmp_path, monkeypat
 
     monkeypatch.setattr(ModelCard, 'save', interrupt)  # the last file written
     with pytest.raises(KeyboardInterrupt):
-        hub.export_checkpoint(run / 'last.pth.tar', out, overwrite=True)
+        export.export_checkpoint(run / 'last.pth.tar', out, overwrite=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == (['out'] if where == 'overwrite' else [])
     if where == 'overwrite':
         assert snapshot(out) == {'old.txt': b'old export'}
@@ -355,7 +355,7 @@ def test_bad_checkpoint_is_a_clear_error_and_writes_nothing(kind, run, tmp_path)
     before = snapshot(tmp_path)
     error, message = BAD_CHECKPOINTS[kind]
     with pytest.raises(error, match=message) as info:
-        hub.export_checkpoint(checkpoint, tmp_path / 'out', use_ema=kind == 'no_ema')
+        export.export_checkpoint(checkpoint, tmp_path / 'out', use_ema=kind == 'no_ema')
     assert '\n' not in str(info.value)
     assert snapshot(tmp_path) == before  # no OUT_DIR, no temporary folder, and the payload never ran
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_dir()) == []
@@ -386,13 +386,13 @@ import sys, time
 from pathlib import Path
 import torch
 from huggingface_hub import ModelCard
-from timm_smallvit import hub
+from timm_smallvit import export
 torch.set_num_threads(1)
 def stall(self, path):
     Path(sys.argv[3]).write_text('stalled')
     time.sleep(600)
 ModelCard.save = stall
-hub.export_checkpoint(sys.argv[1], sys.argv[2])
+export.export_checkpoint(sys.argv[1], sys.argv[2])
 """
 
 
@@ -446,18 +446,18 @@ def test_temp_folder_of_a_killed_export_goes_at_the_next_export(run, tmp_path, s
     (old / 'model.safetensors').write_bytes(b'x')
     os.utime(old, (time.time() - 86400,) * 2)
 
-    out = hub.export_checkpoint(checkpoint, parent / 'best')
+    out = export.export_checkpoint(checkpoint, parent / 'best')
     assert _temp_folders(parent) == sorted(p.name for p in (live, foreign, link, recent))
     assert (outside / 'config.json').read_text() == '{}' and (foreign / 'notes.txt').read_text() == 'mine'
     # every export file (predictions.png only when the run's test images are at hand: not for this checkpoint)
-    assert sorted(p.name for p in out.iterdir()) == sorted(n for n in hub.EXPORT_FILES if n != hub.GRID_NAME)
+    assert sorted(p.name for p in out.iterdir()) == sorted(n for n in export.EXPORT_FILES if n != export.GRID_NAME)
     expected = logits(reference_model(load_ckpt(checkpoint)['state_dict']))
     assert torch.equal(logits(timm.create_model(f'local-dir:{out}', pretrained=True).eval()), expected)
 
 
 def test_card_says_which_images_were_evaluated(tmp_path):
     run = make_training_run(tmp_path / 'run', epochs=1, model_ema=False, val_num_samples=512, train_num_samples=1024)
-    out = hub.export_checkpoint(run / 'last.pth.tar', tmp_path / 'out')
+    out = export.export_checkpoint(run / 'last.pth.tar', tmp_path / 'out')
     card = ModelCard.load(out / 'README.md')
     splits = {r.dataset_split for r in card.data.eval_results}
     assert splits == {'test[:512]'}  # the Hub's split syntax, not the whole test split

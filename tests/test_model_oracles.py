@@ -11,7 +11,7 @@ from timm.models.vision_transformer import VisionTransformer
 
 from timm_smallvit import SmallViT, convert_d2l_state_dict, to_vision_transformer
 from timm_smallvit._reference_d2l import ViT as D2LViT
-from timm_smallvit.smallvit import Block
+from timm_smallvit.layers import Block
 
 ATOL = 1e-5
 
@@ -134,7 +134,7 @@ def test_fused_and_explicit_attention_agree():
 def test_bf16_on_cpu_takes_the_explicit_attention_and_matches_timm_vit(monkeypatch):
     """Under bf16 autocast on the CPU smallvit skips PyTorch's fused kernel (slow there) and still computes what
     timm's ViT computes with it; in float32 it keeps the fused kernel."""
-    import timm_smallvit.smallvit as smallvit_module
+    import timm_smallvit.layers as smallvit_module
 
     calls = []
     sdpa = torch.nn.functional.scaled_dot_product_attention
@@ -170,7 +170,7 @@ def test_bf16_on_cpu_takes_the_explicit_attention_and_matches_timm_vit(monkeypat
 @pytest.mark.parametrize('dtype', [torch.float32, torch.bfloat16])
 def test_dropout_matches_torch_dropout_in_distribution(dtype):
     """smallvit's cheaper CPU dropout: the rate, the 1/(1-p) scale and the gradient of torch's, reproducible."""
-    from timm_smallvit.smallvit import Dropout, dropout
+    from timm_smallvit.layers import Dropout, dropout
 
     x = torch.rand(512, 1000, dtype=dtype) + 0.5  # no zeros, so every zero in the output was dropped
     x.requires_grad_(True)

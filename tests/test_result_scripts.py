@@ -11,7 +11,7 @@ import timm
 import torch
 import yaml
 
-from timm_smallvit.hub import read_summary
+from timm_smallvit.card import read_summary
 from timm_smallvit.launch import recipe_path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

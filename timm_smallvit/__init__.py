@@ -4,7 +4,8 @@
 ``timm.create_model('smallvit')`` and ``timm.create_model('hf-hub:<repo>', pretrained=True)`` work.
 """
 
-from .hub import create_model, export_checkpoint, push_to_hub
+from .export import export_checkpoint
+from .hub import create_model, push_to_hub
 from .smallvit import SmallViT, checkpoint_filter_fn, convert_d2l_state_dict, to_vision_transformer
 
 __version__ = '0.1.0'

@@ -109,7 +109,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from .hub import export_checkpoint
+    from .export import export_checkpoint
 
     out = export_checkpoint(
         args.checkpoint,

@@ -1,7 +1,7 @@
 """The end-to-end demo (``make demo``): train on Fashion-MNIST, evaluate, export with a card, reload, compare.
 
 Everything runs offline on a CPU: the data come from the release files, the trainer is :mod:`timm_smallvit.trainer`
-with a shipped recipe, the export is :func:`timm_smallvit.hub.export_checkpoint`, and the reload goes through
+with a shipped recipe, the export is :func:`timm_smallvit.export.export_checkpoint`, and the reload goes through
 timm's own ``local-dir:`` loader.
 """
 
@@ -15,7 +15,7 @@ import timm
 import torch
 
 from .data import load_dataset
-from .hub import export_checkpoint
+from .export import export_checkpoint
 from .launch import recipe_path
 from .loader import BatchLoader
 from .trainer import autocast_context, load_recipe, resolve_args, train

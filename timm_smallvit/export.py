@@ -1,0 +1,309 @@
+"""Export a smallvit training checkpoint as a folder that timm loads and the Hub shows.
+
+    export_checkpoint   timm training checkpoint (or .safetensors) -> model.safetensors, config.json (timm's own
+                        save_for_hf), README.md (the model card), learning_curve.png and predictions.png
+
+The folder is written beside its destination under a temporary name and renamed into place at the end, so an
+interrupted export leaves no half-written folder; the next export into the same parent removes what a killed one
+left. This module owns the names of the export's files (WEIGHTS_NAME, CONFIG_NAME, ... EXPORT_FILES).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import timm
+import torch
+from PIL import Image
+from timm.data import create_transform, resolve_model_data_config
+from timm.models import save_for_hf
+
+from .card import read_summary, render_model_card, single_view
+from .checkpoint import (
+    check_finite,
+    data_config_from_args,
+    labels_from_args,
+    model_img_size,
+    read_checkpoint,
+    rebuild_model,
+)
+from .data import SmallImageDataset
+from .plots import plot_learning_curve, save_prediction_grid
+from .smallvit import SmallViT
+
+__all__ = [
+    'CARD_NAME',
+    'CONFIG_NAME',
+    'CURVE_NAME',
+    'EXPORT_FILES',
+    'GRID_NAME',
+    'WEIGHTS_NAME',
+    'export_checkpoint',
+]
+
+_logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = 'model.safetensors'
+CONFIG_NAME = 'config.json'
+CARD_NAME = 'README.md'
+CURVE_NAME = 'learning_curve.png'
+GRID_NAME = 'predictions.png'
+# everything export writes, and everything push uploads
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, CURVE_NAME, GRID_NAME)
+# an export in progress (or killed) lives in .<out name>.export-<pid>-<random> beside the out folder
+_TMP_NAME = re.compile(r'\..+\.export-(?:(?P<pid>\d+)-[a-z0-9_]{8}|[a-z0-9_]{8})')
+_STALE_AFTER_S = 15 * 60  # a temp folder without a pid (older versions) is left alone for this long
+
+
+def export_checkpoint(
+    checkpoint: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    model_kwargs: Mapping[str, Any] | None = None,
+    use_ema: bool = False,
+    overwrite: bool = False,
+    repo_id: str | None = None,
+    summary: str | os.PathLike | None = None,
+) -> Path:
+    """Write a folder that timm loads (and the Hub shows) from a smallvit training checkpoint.
+
+    The model is rebuilt from the checkpoint's own training args (model, num_classes, in_chans, gp, model_kwargs),
+    the weights are loaded strictly, and the folder gets model.safetensors, config.json (timm's save_for_hf), a
+    README.md model card, and learning_curve.png when the run's summary.csv is there. Everything is written to a
+    temporary folder first and renamed into place at the end, so an interrupted export leaves no half-written
+    out_dir; the temporary folder of a killed export is removed by the next export into the same parent folder.
+    Weights with NaN or inf are refused.
+
+    Args:
+        checkpoint: A timm training checkpoint (checkpoint-N.pth.tar, model_best.pth.tar, last.pth.tar) or a
+            .safetensors / plain state-dict file (those carry no args: give model_name).
+        out_dir: Folder to create. It must not exist or be empty, unless overwrite.
+        model_name: smallvit model name; default: the checkpoint's args.model.
+        model_kwargs: Model arguments on top of the checkpoint's args.model_kwargs (e.g. img_size).
+        use_ema: Export the EMA weights (state_dict_ema) instead of the trained ones.
+        overwrite: Replace a non-empty out_dir.
+        repo_id: Hub repo the card's usage snippet names; default: the local folder (push_to_hub sets the repo).
+        summary: The run's summary.csv; default: summary.csv beside the checkpoint, if any.
+
+    Returns:
+        The written folder.
+    """
+    checkpoint = Path(checkpoint)
+    out = Path(out_dir)
+    summary_path = Path(summary) if summary is not None else checkpoint.parent / 'summary.csv'
+    _check_out_dir(out, overwrite, inputs=[checkpoint, summary_path])
+    state_dict, info = read_checkpoint(checkpoint, use_ema)
+    check_finite(state_dict, checkpoint, use_ema)
+    model, name = rebuild_model(state_dict, info['args'], model_name, model_kwargs, source=checkpoint)
+    rows = read_summary(summary_path) if summary_path.is_file() else []
+    if summary is not None and not rows:
+        raise ValueError(f'{summary_path} has no epoch rows: pass the summary.csv that timm wrote for this run.')
+    if info['args'].get('eval_hflip'):
+        rows = [single_view(row) for row in rows]
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_exports(out.parent)
+    # the pid in the name tells a killed export's folder from one in progress
+    tmp = Path(tempfile.mkdtemp(prefix=f'.{out.name}.export-{os.getpid()}-', dir=out.parent))
+    try:
+        _write_export(
+            tmp,
+            model,
+            name,
+            checkpoint,
+            info,
+            rows,
+            model_ref=f'hf-hub:{repo_id}' if repo_id else f'local-dir:{out}',
+            model_name=repo_id.split('/')[-1] if repo_id else name,
+        )
+        # mkdtemp and safetensors create private files; an export is an ordinary, shareable folder
+        os.chmod(tmp, 0o755)
+        for path in tmp.iterdir():
+            os.chmod(path, 0o644)
+        _move_into_place(tmp, out, overwrite)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _logger.info('Exported %s (%s) to %s', checkpoint, name, out)
+    return out
+
+
+def _write_export(
+    folder: Path,
+    model: SmallViT,
+    name: str,
+    checkpoint: Path,
+    info: dict[str, Any],
+    rows: list[dict[str, float]],
+    *,
+    model_ref: str,
+    model_name: str,
+) -> None:
+    """The export's files in folder: weights and config (checked by loading them back), figures, then the card."""
+    args = info['args']
+    labels = labels_from_args(args, model.num_classes)
+    model_config: dict[str, Any] = {'label_names': list(labels)} if labels else {}
+    data_config = data_config_from_args(args)
+    try:
+        save_for_hf(model, str(folder), model_config=model_config, safe_serialization=True, data_config=data_config)
+    except ValueError as e:
+        raise ValueError(f'The training args of {checkpoint} do not fit the model: {e}') from e
+    _check_reload(model, folder, checkpoint)
+    if rows:
+        plot_learning_curve(rows, folder / CURVE_NAME, title=name)
+    grid = _prediction_grid(model, args, labels, folder / GRID_NAME, title=name)
+    card = render_model_card(
+        model,
+        name,
+        json.loads((folder / CONFIG_NAME).read_text()),
+        args=args,
+        info=info,
+        rows=rows,
+        checkpoint=checkpoint,
+        model_ref=model_ref,
+        model_name=model_name,
+        curve_file=CURVE_NAME if rows else None,
+        grid_file=GRID_NAME if grid else None,
+        grid_sentence=grid,
+    )
+    card.save(folder / CARD_NAME)
+
+
+def _check_out_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f'{out} exists and is not a folder: choose another OUT_DIR.')
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise FileExistsError(f'{out} is not empty: choose a new OUT_DIR, or pass --overwrite (overwrite=True).')
+        for path in inputs:
+            if path.exists() and out.resolve() in path.resolve().parents:
+                raise ValueError(f'{out} holds {path}, an input of this export: choose an OUT_DIR outside it.')
+
+
+def _remove_stale_exports(parent: Path) -> None:
+    """Remove the temporary folders that killed exports (SIGKILL, SIGTERM, power loss) left in parent."""
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return
+    for entry in entries:
+        match = _TMP_NAME.fullmatch(entry.name)
+        if match is None or not _is_stale_export(entry, match['pid']):
+            continue
+        try:
+            shutil.rmtree(entry.path)
+        except OSError as e:  # another export removing it too, or not ours to remove
+            _logger.debug('Could not remove %s: %s', entry.path, e)
+        else:
+            _logger.info('Removed %s, left by an interrupted export.', entry.path)
+
+
+def _is_stale_export(entry: os.DirEntry, pid: str | None) -> bool:
+    # only a real folder (never a link) that holds nothing but regular files an export writes
+    try:
+        if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
+            return False
+        with os.scandir(entry.path) as inside:
+            if any(f.name not in EXPORT_FILES or not f.is_file(follow_symlinks=False) for f in inside):
+                return False
+        if pid is None:  # written by an older version, without its pid
+            return time.time() - entry.stat(follow_symlinks=False).st_mtime > _STALE_AFTER_S
+    except OSError:
+        return False
+    return not _pid_alive(int(pid))
+
+
+def _pid_alive(pid: int) -> bool:
+    if os.name != 'posix':  # os.kill(pid, 0) would terminate the process on Windows
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: alive, another user's
+        return True
+    return True
+
+
+def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:  # filled while we were exporting
+            raise FileExistsError(f'{out} is not empty: choose a new OUT_DIR, or pass --overwrite (overwrite=True).')
+        old = out.with_name(f'.{out.name}.old-{uuid.uuid4().hex[:8]}')
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+        return
+    if out.is_dir():
+        out.rmdir()
+    os.rename(tmp, out)
+
+
+def _check_reload(model: SmallViT, folder: Path, source: Path) -> None:
+    """Load the export back the way users will and demand the same logits, before it is moved into place."""
+    reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    chans, (h, w) = model.in_chans, model_img_size(model)
+    x = torch.randn(2, chans, h, w, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(x)
+        if not bool(torch.isfinite(expected).all()):
+            raise ValueError(
+                f'{source}: the model gives NaN or inf logits on a random input, so its weights are unusable (did the '
+                f'run diverge?). Nothing was exported; export an earlier checkpoint.'
+            )
+        if not torch.equal(expected, reloaded(x)):
+            raise RuntimeError(
+                f'The export in {folder} does not reproduce the checkpoint logits (a timm-smallvit bug).'
+            )
+
+
+def _prediction_grid(
+    model: SmallViT, args: dict[str, Any], labels: tuple[str, ...] | None, path: Path, title: str
+) -> str | None:
+    """predictions.png from the run's evaluation images, when they are at hand; returns the card's sentence."""
+    if not args.get('data_dir'):
+        return None
+    try:
+        data = SmallImageDataset(
+            args.get('dataset') or '',
+            args['data_dir'],
+            train_split=args.get('train_split') or 'train',
+            val_split=args.get('val_split') or 'validation',
+            class_map=args.get('class_map') or '',
+        )
+        split = data.load('val', in_chans=model.in_chans, img_size=model_img_size(model), progress=False)
+        images, targets = split.images, split.labels
+    except (OSError, ValueError, RuntimeError) as e:  # another machine, moved data: the export goes on without it
+        _logger.info('No prediction grid in the card: the evaluation images are not at hand (%s).', e)
+        return None
+    mode = 'L' if images.shape[1] == 1 else 'RGB'
+    # the first 12 test images, then the first 4 that the model gets wrong among the first 1000
+    candidates = [Image.fromarray(img.permute(1, 2, 0).squeeze(-1).numpy(), mode) for img in images[:1000]]
+    transform = create_transform(**resolve_model_data_config(model))
+    with torch.inference_mode():
+        preds = torch.cat([model(torch.stack([transform(im) for im in candidates[i : i + 250]])).argmax(-1)
+                           for i in range(0, len(candidates), 250)])  # fmt: skip
+    wrong = [i for i in range(12, len(candidates)) if preds[i] != targets[i]][:4]
+    chosen = list(range(min(12, len(candidates)))) + wrong
+    shown, truth = [candidates[i] for i in chosen], [int(targets[i]) for i in chosen]
+    right = save_prediction_grid(model, shown, truth, path, title, labels=labels)
+    return (
+        f'The first {min(12, len(candidates))} images of the test split, then the first {len(wrong)} of the first '
+        f'{len(candidates):,} that these weights get wrong ({right:.0%} of those shown are right), each above its '
+        'attention rollout (Abnar and Zuidema, 2020).'
+    )
