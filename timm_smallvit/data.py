@@ -16,7 +16,6 @@ import gzip
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -41,7 +40,7 @@ from torchvision.datasets import CIFAR10, CIFAR100, KMNIST, MNIST, FashionMNIST
 from torchvision.datasets.utils import calculate_md5, check_integrity
 from tqdm import tqdm
 
-from ._files import write_atomically
+from ._files import disk_full_error, is_disk_full, write_atomically
 
 __all__ = [
     'CIFAR10_CLASSES',
@@ -94,7 +93,6 @@ IMAGE_EXTENSIONS: tuple[str, ...] = tuple(dict.fromkeys((*get_img_extensions(), 
 # a dataset whose decoded tensors would take more than this share of the machine's memory is refused
 MEMORY_SHARE = 0.5
 _READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
-_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _DECODE_VERSION = 2  # part of every cache key: a change to how images are decoded decodes them again
 
 
@@ -662,23 +660,12 @@ def _write_cache(path: Path, images: torch.Tensor) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomically(path, lambda tmp: Path(tmp).write_bytes(content))
     except OSError as e:
-        if e.errno in _DISK_FULL:
-            raise OSError(
-                f'no space left on {_mount_point(path.parent)}: {math.ceil(len(content) / 1e6)} MB needed for the '
-                f'decoded cache {path}. Free some space, or set SMALLVIT_CACHE to a folder on another disk.'
-            ) from None
+        if is_disk_full(e):
+            hint = 'Free some space there, or set SMALLVIT_CACHE to a folder on another disk.'
+            raise disk_full_error(path, len(content), 'the decoded cache', hint) from None
         if e.errno not in _READ_ONLY:
             raise
         _logger.warning(f'{path.parent}: cannot store the decoded images ({e.strerror}); decoding again next time.')
-
-
-def _mount_point(path: Path) -> Path:
-    path = path.resolve()
-    while not path.exists():
-        path = path.parent
-    while not os.path.ismount(path):
-        path = path.parent
-    return path
 
 
 def _physical_memory() -> int:
