@@ -14,6 +14,8 @@ Endpoints served (``{repo}`` is ``namespace/name``; ``{rev}`` a branch name or a
     GET  /api/models/{repo}/revision/{rev}         model_info / repo_info of a revision
     GET  /api/models/{repo}/refs                   list_repo_refs
     GET  /api/models/{repo}/commits/{rev}          list_repo_commits (newest first)
+    GET  /api/models/{repo}/tree/{rev}[/{path}]    list_repo_files / list_repo_tree, recursive, files only (what
+                                                   upload_folder lists to apply its delete_patterns)
     POST /api/models/{repo}/branch/{branch}        create_branch (from main, or from ``startingPoint``)
     POST /api/models/{repo}/preupload/{rev}        upload modes (always regular) and the oids of files already there
     POST /api/models/{repo}/commit/{rev}           create_commit: ndjson header, ``file`` (base64), ``deletedFile``
@@ -247,6 +249,8 @@ class HubServer:
             repo = self._readable(repo_id, user)
             history = self.history(repo_id, rest[1])
             return _json([_commit_json(c) for c in history])
+        if method == 'GET' and len(rest) >= 2 and rest[0] == 'tree':
+            return self._tree(repo_id, rest[1], '/'.join(rest[2:]), user)
         if method == 'POST' and len(rest) == 2 and rest[0] == 'branch':
             return self._create_branch(repo_id, rest[1], user, _loads(body) if body else {})
         if method == 'POST' and len(rest) == 2 and rest[0] == 'preupload':
@@ -296,6 +300,17 @@ class HubServer:
         siblings = [{'rfilename': p} for p in sorted(commit.files)]
         info = {'id': repo_id, 'author': repo.owner, 'sha': commit.oid, 'private': repo.private}
         return _json({**info, 'lastModified': commit.date, 'siblings': siblings, 'library_name': 'timm'})
+
+    def _tree(self, repo_id: str, revision: str, folder: str, user: str | None) -> tuple[int, dict[str, str], bytes]:
+        repo = self._readable(repo_id, user)
+        files = repo.commits[self._resolve(repo, revision)].files
+        prefix = f'{folder.strip("/")}/' if folder.strip('/') else ''
+        entries = [
+            {'type': 'file', 'oid': oid, 'size': len(self.blobs[oid]), 'path': path}
+            for path, oid in sorted(files.items())
+            if path.startswith(prefix)
+        ]
+        return _json(entries)
 
     def _create_branch(self, repo_id: str, branch: str, user: str | None, payload: dict[str, Any]):
         repo = self._writable(repo_id, user)

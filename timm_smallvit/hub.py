@@ -1,6 +1,6 @@
 """Share exported smallvit models through the Hugging Face Hub: push an export, pull one with its files checked.
 
-    push_to_hub     an export folder -> a Hub repo, through huggingface_hub (create_repo, create_commit): the export's
+    push_to_hub     an export folder -> a Hub repo, through huggingface_hub (create_repo, upload_folder): the export's
                     files only, regular files only (never through a symbolic link), all checked first
     create_model    timm.create_model after the import that registers smallvit*, checking hf-hub: and local-dir:
                     files first so that bad exports fail with a message instead of odd timm errors
@@ -12,6 +12,7 @@ from the values export kept in it, to name the Hub repo.
 from __future__ import annotations
 
 import contextlib
+import glob
 import importlib
 import json
 import logging
@@ -28,15 +29,7 @@ import timm
 import torch
 import torch.nn as nn
 import yaml
-from huggingface_hub import (
-    CommitInfo,
-    CommitOperationAdd,
-    CommitOperationDelete,
-    HfApi,
-    ModelCard,
-    get_token,
-    hf_hub_download,
-)
+from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelInfo, get_token, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from timm.models._hub import hf_split  # no public name in timm 1.0.31
@@ -63,12 +56,12 @@ def push_to_hub(
 ) -> CommitInfo:
     """Upload an exported folder to a Hub model repo (created if needed), as one commit.
 
-    Only the files export writes go up (model.safetensors, config.json, README.md, learning_curve.png), as regular
-    files: a symbolic link among them is refused, and nothing else in the folder is sent. Everything is checked
-    before the first change on the Hub (the files, the card's metadata, the token, that the endpoint answers), and
-    the commit removes the files an earlier push left on the branch that the folder no longer has. The uploaded card
-    is rendered again from the template with ``repo_id`` (and the branch) in its usage snippet, from the values
-    export kept in it; a card edited after export goes up as it is. out_dir itself is not changed.
+    Only the files export writes go up (model.safetensors, config.json, README.md, learning_curve.png,
+    predictions.png), as regular files: a symbolic link among them is refused, and nothing else in the folder is sent.
+    Everything is checked before the first change on the Hub (the files, the card's metadata, the token, that the
+    endpoint answers), and the commit removes the files an earlier push left on the branch that the folder no longer
+    has. The uploaded card is rendered again from the template with ``repo_id`` (and the branch) in its usage snippet,
+    from the values export kept in it; a card edited after export goes up as it is. out_dir itself is not changed.
     The endpoint is huggingface_hub's (HF_ENDPOINT); the token is never written, printed or logged.
 
     Args:
@@ -87,8 +80,13 @@ def push_to_hub(
         raise ValueError(f"repo_id {repo_id!r} must be 'user/name' or 'org/name' (the namespace names the owner).")
     validate_repo_id(repo_id)  # a ValueError that says which characters are allowed
     branch = revision if revision and revision != 'main' else None
+    # What upload_folder does not guard, and the private copy does: upload_folder picks files by name with
+    # Path.is_file(), which follows symbolic links (a learning_curve.png linked to the stored token would go up as
+    # the token), and reads them when it sends them, after any check made here (a file swapped or rewritten in
+    # between would go up unchecked). So the export files are copied into a private temporary folder first, each
+    # through an O_NOFOLLOW descriptor checked to be a regular file, the copies are what is checked, and that folder
+    # is what upload_folder sends. allow_patterns then only restates what the copy holds.
     with tempfile.TemporaryDirectory(prefix='smallvit-push-') as tmp:
-        # the staged copies are what is checked and what is sent
         stage = Path(tmp)
         names = _stage_upload(folder, stage, f'hf-hub:{repo_id}@{branch}' if branch else f'hf-hub:{repo_id}')
         config = _check_files(stage / CONFIG_NAME, stage / WEIGHTS_NAME, str(folder))
@@ -99,36 +97,44 @@ def push_to_hub(
                 'HF_TOKEN to a token with write access, then push again.'
             )
         api = HfApi(token=token)  # endpoint: HF_ENDPOINT, else huggingface.co
-        message = commit_message or f'Upload {config["architecture"]} (timm-smallvit)'
         with _hub_errors(api, repo_id):
-            api.whoami()  # the endpoint answers and takes the token before anything is created
-            api.create_repo(repo_id, private=private, exist_ok=True)
-            info = api.model_info(repo_id)
-            if private and not info.private:
-                raise PermissionError(
-                    f'{repo_id} already exists and is public: nothing was pushed. Make it private on the Hub first, '
-                    f'or push without --private.'
-                )
-            if branch:
-                api.create_branch(repo_id, branch=branch, exist_ok=True)
-                info = api.model_info(repo_id, revision=branch)
-            remote = [sibling.rfilename for sibling in info.siblings or []]
-            stale = [path for path in remote if _pushed_before(path) and path not in names]
-            operations: list[CommitOperationAdd | CommitOperationDelete] = [
-                CommitOperationAdd(path_in_repo=n, path_or_fileobj=stage / n) for n in names
-            ]
-            operations += [CommitOperationDelete(path_in_repo=n) for n in stale]
-            # parent_commit: the stale files were listed at this commit, so nobody else's may land in between
-            commit = api.create_commit(
-                repo_id, operations, commit_message=message, revision=branch, parent_commit=info.sha
+            info = _target_repo(api, repo_id, private, branch)
+            stale = [path for path in (s.rfilename for s in info.siblings or []) if _pushed_before(path, names)]
+            commit = api.upload_folder(
+                repo_id=repo_id,
+                folder_path=stage,
+                revision=branch,
+                commit_message=commit_message or f'Upload {config["architecture"]} (timm-smallvit)',
+                allow_patterns=list(EXPORT_FILES),
+                # exact names (escaped: no pattern of ours may match a file someone else put in the repo)
+                delete_patterns=[glob.escape(path) for path in stale] or None,
+                # the stale files were listed at this commit, so nobody else's may land in between
+                parent_commit=info.sha,
             )
     _logger.info('Pushed %s to %s', folder, commit.commit_url)
     return commit
 
 
-def _pushed_before(path: str) -> bool:
-    # what this or an older push (which sent any *.png) may have uploaded; files in subfolders are someone else's
-    return '/' not in path and (path in EXPORT_FILES or path.endswith('.png'))
+def _target_repo(api: HfApi, repo_id: str, private: bool, branch: str | None) -> ModelInfo:
+    """The repo's branch to push to, created if needed; refuses a private push to an existing public repo."""
+    api.whoami()  # the endpoint answers and takes the token before anything is created
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    info = api.model_info(repo_id)
+    if private and not info.private:
+        raise PermissionError(
+            f'{repo_id} already exists and is public: nothing was pushed. Make it private on the Hub first, '
+            f'or push without --private.'
+        )
+    if branch:
+        api.create_branch(repo_id, branch=branch, exist_ok=True)
+        info = api.model_info(repo_id, revision=branch)
+    return info
+
+
+def _pushed_before(path: str, names: list[str]) -> bool:
+    # what this or an older push (which sent any *.png) may have uploaded and the folder no longer has; files in
+    # subfolders are someone else's
+    return '/' not in path and (path in EXPORT_FILES or path.endswith('.png')) and path not in names
 
 
 @contextlib.contextmanager
