@@ -68,7 +68,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 import timm_smallvit
 from timm_smallvit import to_vision_transformer
 from timm_smallvit._reference_d2l import ViT
-from timm_smallvit.trainer import cpu_has_native_bf16
+from timm_smallvit.amp import cpu_has_native_bf16
 
 # shape key -> (label, timm model name)
 SHAPES = {
@@ -400,10 +400,12 @@ def recipe_run(name: str, data_dir: Path, steps: int, eval_batches: int, profile
     augmentation, mixup, flip test-time augmentation) for two epochs of ``steps`` steps on Fashion-MNIST; the second
     epoch is timed, so the first pays the one-time costs (oneDNN kernel creation, the first allocations). Only
     the length changes: no budget refit and no crop switch-off (the step is the cropping one), and both epochs
-    evaluate. A third, short run is profiled by operator (torch.profiler), its training steps only.
+    evaluate. A third, short run is profiled by operator (torch.profiler), its training steps only: the trainer's
+    ``train_one_epoch``, wrapped for that run.
     """
+    from timm_smallvit import trainer
     from timm_smallvit.launch import recipe_path
-    from timm_smallvit.trainer import _EPOCH_HOOKS, load_recipe, resolve_args, train
+    from timm_smallvit.recipe import load_recipe, resolve_args
 
     recipe = load_recipe(recipe_path(name))
     batch = int(recipe.get('batch_size', 128))
@@ -424,7 +426,7 @@ def recipe_run(name: str, data_dir: Path, steps: int, eval_batches: int, profile
                 log_interval=10**9,
                 val_interval=1,  # both epochs evaluate: the timed one's evaluation pays no first-call costs
             )
-            return train(args)
+            return trainer.train(args)
 
     result = run(2, steps, eval_batches)
     timed = result['history'][-1]
@@ -436,19 +438,19 @@ def recipe_run(name: str, data_dir: Path, steps: int, eval_batches: int, profile
     eval_images = batch * eval_batches
 
     events: list[Any] = []
+    train_one_epoch = trainer.train_one_epoch
 
-    def hook(epoch: int, phase: str) -> None:
-        if phase == 'train':
-            events.append(profile(activities=[ProfilerActivity.CPU]))
-            events[-1].__enter__()
-        else:
-            events[-1].__exit__(None, None, None)
+    def profiled(*args: Any, **kwargs: Any) -> Any:  # the epoch's training steps and nothing around them
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            metrics = train_one_epoch(*args, **kwargs)
+        events.append(prof)
+        return metrics
 
-    _EPOCH_HOOKS.append(hook)
+    trainer.train_one_epoch = profiled  # train() calls it by its module name
     try:
         run(1, profile_steps, 1)
     finally:
-        _EPOCH_HOOKS.remove(hook)
+        trainer.train_one_epoch = train_one_epoch
     table = events[-1].key_averages().table(sort_by='self_cpu_time_total', row_limit=15, max_name_column_width=48)
     args = result['args']
     return dict(

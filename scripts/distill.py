@@ -28,7 +28,8 @@ from timm.utils import ParseKwargs, setup_default_logging
 
 from timm_smallvit.card import read_summary
 from timm_smallvit.launch import recipe_path
-from timm_smallvit.trainer import load_recipe, resolve_args, train
+from timm_smallvit.recipe import load_recipe, resolve_args
+from timm_smallvit.trainer import train
 
 BUDGET_S = 30 * 60
 

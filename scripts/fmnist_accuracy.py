@@ -15,7 +15,8 @@ from pathlib import Path
 from matplotlib.figure import Figure
 
 from timm_smallvit.launch import recipe_path
-from timm_smallvit.trainer import load_recipe, resolve_args, train
+from timm_smallvit.recipe import load_recipe, resolve_args
+from timm_smallvit.trainer import train
 
 BUDGET_S = 30 * 60  # issue 6: the best test top-1 reached within 30 minutes of training on this CPU
 

@@ -22,7 +22,8 @@ import torch.nn.functional as F
 from matplotlib.figure import Figure
 
 import timm_smallvit  # noqa: F401
-from timm_smallvit.trainer import resolve_args, train
+from timm_smallvit.recipe import resolve_args
+from timm_smallvit.trainer import train
 
 BASE_MODEL = 'smallvit_tiny_patch4_28'
 RECIPE = dict(

@@ -23,7 +23,8 @@ import yaml
 
 def _worker(spec: dict) -> None:
     from timm_smallvit.launch import recipe_path
-    from timm_smallvit.trainer import load_recipe, resolve_args, train
+    from timm_smallvit.recipe import load_recipe, resolve_args
+    from timm_smallvit.trainer import train
 
     recipe = load_recipe(recipe_path(spec['base']))
     recipe.update(spec.get('overrides') or {})

@@ -9,8 +9,9 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from timm_smallvit.amp import cpu_bf16_is_faster
 from timm_smallvit.launch import recipe_path
-from timm_smallvit.trainer import cpu_bf16_is_faster, load_recipe
+from timm_smallvit.recipe import load_recipe
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 

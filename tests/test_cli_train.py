@@ -12,7 +12,7 @@ import yaml
 
 from timm_smallvit.cli import main
 from timm_smallvit.launch import list_recipes, recipe_path, train_py_command
-from timm_smallvit.trainer import TRAIN_PY_WITHOUT, load_recipe
+from timm_smallvit.recipe import TRAIN_PY_WITHOUT, load_recipe
 
 from .test_trainer import QUICK
 
@@ -146,11 +146,11 @@ def test_cli_train_py_prints_the_command(fmnist_src, capsys, monkeypatch, tmp_pa
 
 @pytest.mark.parametrize('native', [True, False])
 def test_cli_train_py_warns_when_bf16_would_be_slower(fmnist_src, capsys, monkeypatch, tmp_path, native):
-    import timm_smallvit.trainer
+    import timm_smallvit.amp
 
     monkeypatch.setenv('SMALLVIT_CACHE', str(tmp_path / 'cache'))
-    monkeypatch.setattr(timm_smallvit.trainer, 'cpu_has_native_bf16', lambda: native)
-    monkeypatch.setattr(timm_smallvit.trainer, 'cpu_matmul_gflops', lambda: (100.0, 300.0))
+    monkeypatch.setattr(timm_smallvit.amp, 'cpu_has_native_bf16', lambda: native)
+    monkeypatch.setattr(timm_smallvit.amp, 'cpu_matmul_gflops', lambda: (100.0, 300.0))
     argv = ['train-py', 'fashion_mnist_demo', '--train-py', 'train.py', '--data-dir', str(fmnist_src)]
     assert main([*argv, '--', '--device', 'cpu']) == 0  # the demo recipe sets amp: true
     err = capsys.readouterr().err

@@ -7,7 +7,7 @@ import timm
 
 from timm_smallvit.demo import run_demo
 from timm_smallvit.launch import recipe_path
-from timm_smallvit.trainer import load_recipe
+from timm_smallvit.recipe import load_recipe
 
 
 @pytest.mark.slow

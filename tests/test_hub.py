@@ -549,6 +549,7 @@ def test_closed_port_is_a_one_line_error_naming_the_endpoint(hub, env, exported,
 
 def test_a_recipe_fine_tunes_from_a_hub_repo_and_its_run_exports(hub, env, exported, tmp_path, fmnist_src, monkeypatch):
     from timm_smallvit import trainer as trainer_module
+    from timm_smallvit.recipe import resolve_args
 
     timm_smallvit.push_to_hub(exported, 'alice/ft-base')
     pushed = safetensors.torch.load_file(exported / 'model.safetensors')
@@ -566,7 +567,7 @@ def test_a_recipe_fine_tunes_from_a_hub_repo_and_its_run_exports(hub, env, expor
         num_classes=10, opt='adamw', lr=1e-4, epochs=1, batch_size=64, train_num_samples=256, val_num_samples=128,
         output=str(tmp_path / 'out'), experiment='ft', warmup_epochs=0,
     )  # fmt: skip
-    result = trainer_module.train(trainer_module.resolve_args(recipe))
+    result = trainer_module.train(resolve_args(recipe))
     assert started[0].keys() == pushed.keys()
     assert all(torch.equal(started[0][k], v) for k, v in pushed.items())  # it started from the repo's weights
     # the run exports as the architecture the repo holds (its config.json, from the HF cache)

@@ -13,7 +13,8 @@ from torchvision.datasets import mnist as tv_mnist
 from timm_smallvit import trainer as trainer_module
 from timm_smallvit.cli import main
 from timm_smallvit.data import load_dataset, load_fashion_mnist
-from timm_smallvit.trainer import NonFiniteLossError, resolve_args, train
+from timm_smallvit.recipe import resolve_args
+from timm_smallvit.trainer import NonFiniteLossError, train
 
 from .conftest import FASHION_MNIST_FILES
 from .test_trainer import QUICK
@@ -148,7 +149,7 @@ def test_resume_never_writes_into_another_runs_folder(tmp_path, fmnist_src):
 
 
 def test_model_best_only_improves_across_a_resume(tmp_path, fmnist_src, monkeypatch):
-    real = trainer_module._evaluate
+    real = trainer_module.evaluate
     scores = iter([60.0, 50.0])  # epoch 0 scores better than epoch 1
 
     def scored(*args, **kwargs):
@@ -156,7 +157,7 @@ def test_model_best_only_improves_across_a_resume(tmp_path, fmnist_src, monkeypa
         metrics['top1'] = next(scores)
         return metrics
 
-    monkeypatch.setattr(trainer_module, '_evaluate', scored)
+    monkeypatch.setattr(trainer_module, 'evaluate', scored)
     run_dir = _run(tmp_path, fmnist_src, 'best')['output_dir']
     _run(tmp_path, fmnist_src, 'best', epochs=2, resume=str(run_dir / 'last.pth.tar'))
     best = _meta(run_dir / 'model_best.pth.tar')

@@ -26,7 +26,8 @@ from timm_smallvit import data as data_module
 from timm_smallvit import export_checkpoint
 from timm_smallvit import trainer as trainer_module
 from timm_smallvit.data import FASHION_MNIST_CLASSES, SmallImageDataset, load_fashion_mnist
-from timm_smallvit.trainer import resolve_args, train
+from timm_smallvit.recipe import resolve_args
+from timm_smallvit.trainer import train
 
 N_TRAIN, N_VAL = 2000, 500
 # class folder names as a user would write them (no '/'), deliberately not in Fashion-MNIST's index order

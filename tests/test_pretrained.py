@@ -21,7 +21,7 @@ from torchvision.datasets import FashionMNIST
 from timm_smallvit import smallvit
 from timm_smallvit.data import FASHION_MNIST_CLASSES, prepare_fashion_mnist
 from timm_smallvit.launch import recipe_path
-from timm_smallvit.trainer import load_recipe
+from timm_smallvit.recipe import load_recipe
 
 from .conftest import REPO_ROOT
 

@@ -16,18 +16,14 @@ from safetensors.torch import save_file
 from timm.data.random_erasing import RandomErasing
 
 import timm_smallvit
+from timm_smallvit import amp as amp_module
+from timm_smallvit import recipe as recipe_module
 from timm_smallvit import trainer as trainer_module
 from timm_smallvit.augment import BatchAugment
 from timm_smallvit.data import load_fashion_mnist
 from timm_smallvit.loader import BatchLoader
-from timm_smallvit.trainer import (
-    QUICK_TRAINER_KEYS,
-    TRAIN_PY_DEFAULTS,
-    NonFiniteLossError,
-    load_recipe,
-    resolve_args,
-    train,
-)
+from timm_smallvit.recipe import QUICK_TRAINER_KEYS, TRAIN_PY_DEFAULTS, load_recipe, resolve_args
+from timm_smallvit.trainer import NonFiniteLossError, train
 
 # Small enough for a few seconds an epoch on 2 CPU cores, real enough to learn.
 QUICK = dict(
@@ -204,8 +200,8 @@ def test_budget_minutes_fits_the_schedule_to_the_time_measured(tmp_path, fmnist_
     assert _load_checkpoint(result['output_dir'] / 'last.pth.tar')['epoch'] == 1
 
     args = argparse.Namespace(budget_minutes=1, distributed=False)
-    assert trainer_module._fit_to_budget(args, 2, elapsed_s=20.0) == 5  # 40 s left, 10.3 s an epoch
-    assert trainer_module._fit_to_budget(args, 2, elapsed_s=70.0) == 2
+    assert recipe_module.fit_to_budget(args, 2, elapsed_s=20.0) == 5  # 40 s left, 10.3 s an epoch
+    assert recipe_module.fit_to_budget(args, 2, elapsed_s=70.0) == 2
 
 
 def test_budget_refits_as_the_pace_changes_until_the_last_fifth_or_crop_off(tmp_path, fmnist_src, monkeypatch):
@@ -215,7 +211,7 @@ def test_budget_refits_as_the_pace_changes_until_the_last_fifth_or_crop_off(tmp_
         calls.append(done)
         return 6 if done == 2 else 7
 
-    monkeypatch.setattr(trainer_module, '_fit_to_budget', pace)
+    monkeypatch.setattr(trainer_module, 'fit_to_budget', pace)
     tiny = dict(train_num_samples=256, val_num_samples=64)
     result = _run(tmp_path, fmnist_src, 'refits', epochs=8, crop_off_epoch=6, budget_minutes=30, **tiny)
     # 6 epochs (crop off from round(6 * 6 / 8) = 4), then 7 (crop off from round(6 * 7 / 8) = 5), then no refit
@@ -233,10 +229,10 @@ def test_a_schedule_refitted_by_the_budget_continues_as_if_planned_that_long(
 ):
     common = dict(warmup_epochs=0, sched_on_updates=per_step, train_num_samples=512, val_num_samples=128)
     planned = _run(tmp_path, fmnist_src, 'planned', epochs=5, crop_off_epoch=3, **common)
-    monkeypatch.setattr(trainer_module, '_fit_to_budget', lambda args, done, elapsed_s: 5)
+    monkeypatch.setattr(trainer_module, 'fit_to_budget', lambda args, done, elapsed_s: 5)
     fitted = _run(tmp_path, fmnist_src, 'fitted', epochs=7, crop_off_epoch=4, budget_minutes=30, **common)
     # a budget never raises the recipe's epochs (on a GPU 30 minutes would be hundreds of epochs)
-    monkeypatch.setattr(trainer_module, '_fit_to_budget', lambda args, done, elapsed_s: 9)
+    monkeypatch.setattr(trainer_module, 'fit_to_budget', lambda args, done, elapsed_s: 9)
     kept = _run(tmp_path, fmnist_src, 'kept', epochs=3, budget_minutes=30, **common)
     assert len(_summary(kept['output_dir'])) == 3 and kept['args'].epochs == 3
     lr_planned = [r['lr'] for r in _summary(planned['output_dir'])]
@@ -353,7 +349,7 @@ def test_unknown_recipe_keys_are_refused_by_name(fmnist_src):
 
 
 def test_crop_off_epoch_past_the_last_epoch_warns(fmnist_src, caplog):
-    with caplog.at_level(logging.WARNING, logger='timm_smallvit.trainer'):
+    with caplog.at_level(logging.WARNING, logger='timm_smallvit.recipe'):
         resolve_args(dict(QUICK, data_dir=str(fmnist_src), epochs=5, crop_off_epoch=4))
         assert not caplog.records
         resolve_args(dict(QUICK, data_dir=str(fmnist_src), epochs=4, crop_off_epoch=4))
@@ -388,7 +384,7 @@ def test_bf16_autocast_on_cpu(tmp_path, fmnist_src, caplog):
         val_num_samples=32,
     )
     assert _summary(result['output_dir'])[0]['train_loss'] > 0
-    faster = trainer_module.cpu_bf16_is_faster()
+    faster = amp_module.cpu_bf16_is_faster()
     assert result['args'].amp == faster  # bf16 where it is the fast path, float32 where it would be slower
     assert faster or 'training in float32 instead' in caplog.text  # the fallback is said, not hidden
 
@@ -397,11 +393,11 @@ def test_bf16_autocast_on_cpu(tmp_path, fmnist_src, caplog):
 @pytest.mark.parametrize('bf16_gain', [2.0, 0.5])
 def test_amp_on_cpu_is_bf16_autocast_only_where_bf16_is_faster(monkeypatch, caplog, native, bf16_gain):
     # bf16 only with native bf16 whose matmuls beat float32 (an AVX512-BF16 VM without AMX ran them at half speed)
-    monkeypatch.setattr(trainer_module, 'cpu_has_native_bf16', lambda: native)
-    monkeypatch.setattr(trainer_module, 'cpu_matmul_gflops', lambda: (100.0, 100.0 * bf16_gain))
+    monkeypatch.setattr(amp_module, 'cpu_has_native_bf16', lambda: native)
+    monkeypatch.setattr(amp_module, 'cpu_matmul_gflops', lambda: (100.0, 100.0 * bf16_gain))
     expected = native and bf16_gain > 1
     args = argparse.Namespace(amp=True, amp_dtype='bfloat16')
-    with caplog.at_level(logging.WARNING), trainer_module.autocast_context(args, torch.device('cpu'))():
+    with caplog.at_level(logging.WARNING), amp_module.autocast_context(args, torch.device('cpu'))():
         enabled = torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
     assert enabled == expected and args.amp == expected
     assert ('training in float32 instead' in caplog.text) != expected
@@ -409,7 +405,7 @@ def test_amp_on_cpu_is_bf16_autocast_only_where_bf16_is_faster(monkeypatch, capl
         reason = 'no native bfloat16' if not native else 'bf16 matmuls on this CPU run at 50 GFLOP/s against 100'
         assert reason in caplog.text
     with pytest.raises(ValueError, match='float16 autocast is for CUDA'):
-        trainer_module.autocast_context(argparse.Namespace(amp=True, amp_dtype='float16'), torch.device('cpu'))
+        amp_module.autocast_context(argparse.Namespace(amp=True, amp_dtype='float16'), torch.device('cpu'))
 
 
 @pytest.mark.parametrize(('mine', 'first'), [(True, False), (False, True), (True, True)])
@@ -418,11 +414,11 @@ def test_cpu_processes_take_the_first_ones_bf16_answer(monkeypatch, mine, first)
         assert src == 0
         tensor.fill_(int(first))
 
-    monkeypatch.setattr(trainer_module, 'cpu_bf16_is_faster', lambda: mine)  # this process's own timing
-    monkeypatch.setattr(trainer_module.dist, 'is_initialized', lambda: True)
-    monkeypatch.setattr(trainer_module.dist, 'broadcast', broadcast)
+    monkeypatch.setattr(amp_module, 'cpu_bf16_is_faster', lambda: mine)  # this process's own timing
+    monkeypatch.setattr(amp_module.dist, 'is_initialized', lambda: True)
+    monkeypatch.setattr(amp_module.dist, 'broadcast', broadcast)
     args = argparse.Namespace(amp=True, amp_dtype='bfloat16')
-    with trainer_module.autocast_context(args, torch.device('cpu'))():
+    with amp_module.autocast_context(args, torch.device('cpu'))():
         enabled = torch.is_autocast_enabled('cpu')
     assert args.amp == first and enabled == first
 
@@ -430,8 +426,8 @@ def test_cpu_processes_take_the_first_ones_bf16_answer(monkeypatch, mine, first)
 def test_the_matmul_probe_leaves_the_seeded_generator_alone():
     # it runs after the trainer seeds torch: drawing from the global generator would change the model's init
     state = torch.get_rng_state()
-    trainer_module.cpu_matmul_gflops.cache_clear()
-    trainer_module.cpu_matmul_gflops()
+    amp_module.cpu_matmul_gflops.cache_clear()
+    amp_module.cpu_matmul_gflops()
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -439,8 +435,8 @@ def test_the_matmul_probe_measures_this_cpu():
     # an oracle outside the probe: torch's own benchmark timer on the same matmul, in float32
     from torch.utils.benchmark import Timer
 
-    fp32, bf16 = trainer_module.cpu_matmul_gflops()
-    assert fp32 > 0 and bf16 > 0 and trainer_module.cpu_matmul_gflops() == (fp32, bf16)  # measured once
+    fp32, bf16 = amp_module.cpu_matmul_gflops()
+    assert fp32 > 0 and bf16 > 0 and amp_module.cpu_matmul_gflops() == (fp32, bf16)  # measured once
     a = torch.randn(1024, 1024)
     seconds = Timer('a @ a', globals={'a': a}).blocked_autorange(min_run_time=0.2).median
     assert 0.25 < fp32 / (2 * 1024**3 / seconds / 1e9) < 4  # the same order as torch's timing, noise allowed
@@ -449,7 +445,7 @@ def test_the_matmul_probe_measures_this_cpu():
 def test_a_recipe_that_names_cuda_warns_when_there_is_none(fmnist_src, monkeypatch, caplog):
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
     recipe = load_recipe(Path(timm_smallvit.__file__).parent / 'recipes' / 'fashion_mnist_gpu.yaml')
-    with caplog.at_level(logging.WARNING, logger=trainer_module.__name__):
+    with caplog.at_level(logging.WARNING, logger=recipe_module.__name__):
         resolve_args(dict(QUICK), data_dir=str(fmnist_src))  # device left at its default: quiet
         assert not caplog.records
         resolve_args(recipe, data_dir=str(fmnist_src))
@@ -457,7 +453,7 @@ def test_a_recipe_that_names_cuda_warns_when_there_is_none(fmnist_src, monkeypat
 
 
 def test_shipped_recipes_use_only_honoured_keys(fmnist_src):
-    assert set(trainer_module.TRAIN_PY_WITHOUT) == set(QUICK_TRAINER_KEYS)  # train-py's warning names each one
+    assert set(recipe_module.TRAIN_PY_WITHOUT) == set(QUICK_TRAINER_KEYS)  # train-py's warning names each one
     recipes = sorted((Path(__file__).parents[1] / 'timm_smallvit' / 'recipes').glob('*.yaml'))
     assert len(recipes) >= 3
     for path in recipes:

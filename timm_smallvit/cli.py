@@ -17,7 +17,8 @@ def _setup_logging() -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from .launch import recipe_path
-    from .trainer import load_recipe, resolve_args, train
+    from .recipe import load_recipe, resolve_args
+    from .trainer import train
 
     _setup_logging()
     recipe = load_recipe(recipe_path(args.config))
@@ -54,9 +55,10 @@ def _train_py(args: argparse.Namespace) -> int:
 
     import torch
 
+    from .amp import cpu_bf16_is_faster, slow_bf16_reason
     from .data import prepare_fashion_mnist
     from .launch import format_command, recipe_path, train_py_command
-    from .trainer import QUICK_TRAINER_KEYS, TRAIN_PY_WITHOUT, _slow_bf16_reason, cpu_bf16_is_faster, load_recipe
+    from .recipe import QUICK_TRAINER_KEYS, TRAIN_PY_WITHOUT, load_recipe
 
     data_dir = args.data_dir
     recipe = load_recipe(recipe_path(args.recipe))
@@ -69,7 +71,7 @@ def _train_py(args: argparse.Namespace) -> int:
     if device == 'cpu' and recipe.get('amp') and not cpu_bf16_is_faster():
         # train.py takes amp as given (its --amp cannot be switched off from the command line)
         print(
-            f'warning: {args.recipe} sets amp: true, and {_slow_bf16_reason()}: train.py would train in bf16, '
+            f'warning: {args.recipe} sets amp: true, and {slow_bf16_reason()}: train.py would train in bf16, '
             'slower than float32. Run a copy of the recipe without its amp lines, or `smallvit train`, which '
             'falls back to float32.',
             file=sys.stderr,

@@ -14,11 +14,13 @@ from typing import Any
 import timm
 import torch
 
+from .amp import autocast_context
 from .data import load_dataset
 from .export import export_checkpoint
 from .launch import recipe_path
 from .loader import BatchLoader
-from .trainer import autocast_context, load_recipe, resolve_args, train
+from .recipe import load_recipe, resolve_args
+from .trainer import train
 
 __all__ = ['run_demo']
 

@@ -1,0 +1,474 @@
+"""The recipe schema of the quick trainer: train.py's argument names and defaults, its own few keys, the checks.
+
+Recipes are YAML files with train.py's argument names, so the same file drives ``train.py --config``. The quick
+trainer (:mod:`timm_smallvit.trainer`) honours the keys listed in :data:`TRAIN_PY_DEFAULTS` (with train.py's defaults)
+and the few of its own in :data:`QUICK_TRAINER_KEYS` (which train.py does not know: ``smallvit train-py`` warns that
+they go unused there), and refuses any other key by name rather than ignore it. A resumed run is checked against its
+checkpoint's recipe (:func:`check_resume`) before anything is built, and a run's folder (:func:`run_folder`) never
+holds another run; its ``args.yaml`` (:func:`write_args`) is a recipe again.
+"""
+
+import argparse
+import csv
+import logging
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+from timm.models import safe_model_name
+from timm.utils import CheckpointSaver, load_checkpoint_metadata
+
+from .data import TORCH_DATASETS
+
+__all__ = [
+    'QUICK_TRAINER_KEYS',
+    'TRAIN_PY_DEFAULTS',
+    'TRAIN_PY_WITHOUT',
+    'check_resume',
+    'continue_in_place',
+    'fit_to_budget',
+    'holds_run',
+    'load_recipe',
+    'resolve_args',
+    'resolve_lr',
+    'run_folder',
+    'set_epochs',
+    'write_args',
+]
+
+_logger = logging.getLogger(__name__)
+
+# The train.py arguments this trainer honours, with train.py's defaults (tests check them against train.py's parser).
+TRAIN_PY_DEFAULTS: dict[str, Any] = {
+    # dataset
+    'data_dir': None,
+    'dataset': '',
+    'dataset_download': False,
+    'train_split': 'train',
+    'val_split': 'validation',
+    'class_map': '',
+    'input_img_mode': None,
+    'train_num_samples': None,  # here: use only the first N training images
+    'val_num_samples': None,  # here: evaluate on the first N test images
+    # model
+    'model': 'resnet50',
+    'pretrained': False,
+    'pretrained_path': None,
+    'initial_checkpoint': '',
+    'resume': '',
+    'no_resume_opt': False,
+    'num_classes': None,
+    'gp': None,
+    'img_size': None,
+    'in_chans': None,
+    'input_size': None,
+    'crop_pct': None,
+    'mean': None,
+    'std': None,
+    'interpolation': '',
+    'batch_size': 128,
+    'validation_batch_size': None,
+    'grad_checkpointing': False,
+    'channels_last': False,
+    'model_kwargs': {},
+    'torchcompile_mode': None,
+    'torchcompile': None,
+    'device': 'cuda',  # here: cuda when available, else cpu
+    'amp': False,
+    'amp_dtype': 'float16',
+    # optimizer
+    'opt': 'sgd',
+    'opt_eps': None,
+    'opt_betas': None,
+    'momentum': 0.9,
+    'weight_decay': 2e-5,
+    'clip_grad': None,
+    'clip_mode': 'norm',
+    'layer_decay': None,
+    'opt_kwargs': {},
+    # schedule
+    'sched': 'cosine',
+    'sched_on_updates': False,
+    'lr': None,
+    'lr_base': 0.1,
+    'lr_base_size': 256,
+    'lr_base_scale': '',
+    'lr_cycle_mul': 1.0,
+    'lr_cycle_decay': 0.5,
+    'lr_cycle_limit': 1,
+    'lr_k_decay': 1.0,
+    'warmup_lr': 1e-5,
+    'min_lr': 0,
+    'epochs': 300,
+    'start_epoch': None,
+    'decay_milestones': [90, 180, 270],
+    'decay_epochs': 90,
+    'warmup_epochs': 5,
+    'warmup_prefix': False,
+    'cooldown_epochs': 0,
+    'patience_epochs': 10,
+    'decay_rate': 0.1,
+    # augmentation and regularization
+    'no_aug': False,
+    'scale': [0.08, 1.0],
+    'ratio': [3 / 4, 4 / 3],
+    'hflip': 0.5,
+    'color_jitter': 0.4,
+    'reprob': 0.0,
+    'remode': 'pixel',
+    'recount': 1,
+    'mixup': 0.0,
+    'cutmix': 0.0,
+    'cutmix_minmax': None,
+    'mixup_prob': 1.0,
+    'mixup_switch_prob': 0.5,
+    'mixup_mode': 'batch',
+    'mixup_off_epoch': 0,
+    'smoothing': 0.1,
+    'drop': 0.0,
+    'drop_path': None,
+    'model_ema': False,
+    'model_ema_decay': 0.9998,
+    'model_ema_warmup': False,
+    # distillation (logit only)
+    'kd_model_name': None,
+    'kd_distill_type': 'logit',
+    'kd_loss_type': 'kl',
+    'distill_loss_weight': None,
+    'task_loss_weight': None,
+    'kd_temperature': 4.0,
+    # misc
+    'seed': 42,
+    'log_interval': 50,
+    'val_interval': 1,  # evaluate (and checkpoint) after every N-th epoch and the last, as train.py does
+    'checkpoint_hist': 10,
+    'output': '',
+    'experiment': '',
+    'eval_metric': 'top1',
+}
+
+# Recipe keys of this trainer that train.py has no argument for, with their defaults (which change nothing).
+QUICK_TRAINER_KEYS: dict[str, Any] = {
+    # From this epoch (0-based, as train.py's mixup_off_epoch) the training images are no longer cropped (flip and
+    # erasing stay): the last epochs see whole images, as the test does. 0: crop to the end.
+    'crop_off_epoch': 0,
+    # Evaluate on each image and its mirror (flip test-time augmentation): the eval metrics are those of the mean of
+    # the two logits (the reduction of train.py's --tta), and the single-view ones are kept as loss_single,
+    # top1_single and top5_single (the numbers timm's validate.py gives the weights alone).
+    'eval_hflip': False,
+    # Minutes of training (wall time from the first step, evaluation included) to fit the schedule into: from the
+    # second epoch until the last fifth of the schedule, the trainer sets epochs to what fits at the pace so far
+    # (never above the recipe's: on a fast machine or a GPU they stand), scaling crop_off_epoch and mixup_off_epoch
+    # with them. 0: no budget.
+    'budget_minutes': 0,
+}
+# What train.py does instead when a recipe sets one of them (its --config takes them silently): for the warning of
+# `smallvit train-py`.
+TRAIN_PY_WITHOUT: dict[str, str] = {
+    'crop_off_epoch': 'it crops to the last epoch',
+    'eval_hflip': 'it evaluates one view of each image',
+    'budget_minutes': "it trains the recipe's epochs, however long they take",
+}
+
+# What timm's init_distributed_device adds to the args (and so to args.yaml), and the dataset's class names (for
+# export's label_names): recorded in args.yaml, set again by every run that reads it as a recipe.
+_RUNTIME_KEYS = ('distributed', 'local_rank', 'rank', 'world_size', 'label_names')
+
+
+def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML recipe (train.py's --config format: a mapping of train.py argument names to values)."""
+    path = Path(path)
+    try:
+        with path.open() as f:
+            recipe = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, 'problem_mark', None)
+        where = f' at line {mark.line + 1}, column {mark.column + 1}' if mark is not None else ''
+        problem = getattr(e, 'problem', None) or str(e).splitlines()[0]
+        raise ValueError(
+            f'{path} is not valid YAML{where}: {problem}. A recipe is a mapping of `key: value` lines.'
+        ) from None
+    if not isinstance(recipe, dict):
+        raise ValueError(f'{path}: a recipe is a YAML mapping of train.py argument names, got {type(recipe).__name__}.')
+    return recipe
+
+
+def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace:
+    """Merge train.py's defaults, a recipe and overrides into the Namespace that checkpoints carry.
+
+    Raises:
+        ValueError: for keys this trainer does not honour (named), or values it cannot use.
+    """
+    # a run's args.yaml is a recipe too: the process layout it recorded is set again by the run that reads it
+    merged = {k: v for k, v in recipe.items() if k not in _RUNTIME_KEYS}
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    unknown = sorted(set(merged) - set(TRAIN_PY_DEFAULTS) - set(QUICK_TRAINER_KEYS))
+    if unknown:
+        raise ValueError(
+            f'smallvit train does not honour recipe key(s): {", ".join(unknown)}. Remove them, or run the recipe '
+            f"with timm's train.py (`smallvit train-py` prints its command line)."
+        )
+    args = argparse.Namespace(**{**TRAIN_PY_DEFAULTS, **QUICK_TRAINER_KEYS, **merged})
+    if args.dataset and args.dataset not in TORCH_DATASETS:
+        raise ValueError(
+            f"dataset {args.dataset!r}: the quick trainer reads an image folder (dataset: '', data_dir: the folder "
+            f'holding train/ and validation/) and {", ".join(TORCH_DATASETS)}.'
+        )
+    if args.data_dir is None:
+        raise ValueError(
+            'data_dir is not set: point it at the image folder (train/<class>/<images>, validation/<class>/...) or '
+            "the torch/ dataset's files (Fashion-MNIST: the release *-ubyte.gz files)."
+        )
+    if args.pretrained_path and not args.pretrained:
+        raise ValueError(
+            f'pretrained_path {args.pretrained_path}: set pretrained: true as well (train.py loads it only then), or '
+            'use initial_checkpoint.'
+        )
+    if args.amp and args.amp_dtype not in ('bfloat16', 'float16'):
+        raise ValueError(f"amp_dtype {args.amp_dtype!r}: use 'bfloat16' or 'float16'.")
+    budget = args.budget_minutes
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < math.inf:
+        raise ValueError(f'budget_minutes {budget!r}: minutes of training to fit the schedule to, or 0 for none.')
+    if budget and args.sched == 'plateau':
+        raise ValueError('budget_minutes needs a schedule of known length; the plateau schedule has none.')
+    _check_counts(args)
+    if not isinstance(args.eval_hflip, bool):
+        raise ValueError(f'eval_hflip {args.eval_hflip!r}: true or false (True or False with --set).')
+    if isinstance(args.crop_off_epoch, bool) or not isinstance(args.crop_off_epoch, int) or args.crop_off_epoch < 0:
+        raise ValueError(f'crop_off_epoch {args.crop_off_epoch!r}: an epoch number (0-based), or 0 to crop to the end.')
+    # e.g. a recipe's epochs shortened with --set: say so rather than crop to the end silently
+    if args.crop_off_epoch and args.crop_off_epoch >= args.epochs:
+        _logger.warning(
+            f'crop_off_epoch {args.crop_off_epoch} is not below epochs ({args.epochs}): every epoch crops. '
+            'Lower crop_off_epoch with the epochs to keep whole images for the last epochs.'
+        )
+    if args.kd_model_name and args.kd_distill_type != 'logit':
+        raise ValueError(f'kd_distill_type {args.kd_distill_type!r}: the quick trainer distills logits only.')
+    if args.dataset and args.num_classes is None:
+        args.num_classes = TORCH_DATASETS[args.dataset][5]  # an image folder's: its class folders, in train()
+    if args.dataset and args.in_chans is None and args.input_size is None:
+        args.in_chans = TORCH_DATASETS[args.dataset][3]  # the dataset's own channels (train.py would take 3)
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        if merged.get('device') == 'cuda':  # named in the recipe: sized for a GPU, hours on a CPU
+            _logger.warning(
+                'The recipe asks for device: cuda, but no CUDA GPU is available: training on the CPU instead. '
+                'Set device: cpu (and fewer epochs) to run it here on purpose.'
+            )
+        args.device = 'cpu'  # train.py's default device; here it means cuda when there is one
+    return args
+
+
+# (key, smallest value, may be None): integer recipe keys whose bad values would fail deep inside training
+_COUNT_KEYS = (
+    ('epochs', 1, False),
+    ('batch_size', 1, False),
+    ('validation_batch_size', 1, True),
+    ('train_num_samples', 1, True),
+    ('val_num_samples', 1, True),
+    ('num_classes', 1, True),
+    ('log_interval', 1, False),
+    ('val_interval', 1, False),
+    ('checkpoint_hist', 1, False),
+    ('start_epoch', 0, True),
+    ('seed', 0, False),
+)
+
+
+def _check_counts(args: argparse.Namespace) -> None:
+    for key, low, optional in _COUNT_KEYS:
+        value = getattr(args, key)
+        if value is None and optional:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            unset = ', or leave it unset' if optional else ''
+            raise ValueError(f'{key} {value!r}: expected a whole number of at least {low}{unset}.')
+    if not isinstance(args.warmup_epochs, int) or isinstance(args.warmup_epochs, bool) or args.warmup_epochs < 0:
+        raise ValueError(f'warmup_epochs {args.warmup_epochs!r}: expected a whole number of at least 0.')
+
+
+def resolve_lr(args: argparse.Namespace) -> None:
+    """Set ``args.lr`` where the recipe gives none, by train.py's rule (an lr the recipe gives stands)."""
+    # train.py's rule: lr = lr_base * (global batch / lr_base_size), square-rooted for adaptive optimizers
+    if args.lr:
+        return
+    batch_ratio = args.batch_size * args.world_size / args.lr_base_size
+    if not args.lr_base_scale:
+        args.lr_base_scale = 'sqrt' if any(o in args.opt.lower() for o in ('ada', 'lamb')) else 'linear'
+    if args.lr_base_scale == 'sqrt':
+        batch_ratio = batch_ratio**0.5
+    args.lr = args.lr_base * batch_ratio
+
+
+# Keys a resumed run honours when they differ from the checkpoint's: where and how long it runs, the schedule (rebuilt
+# from them), evaluation, speed. Any other change would be recorded in args.yaml and the checkpoints without being
+# run (the model, data and seed are the checkpoint's), so it is refused.
+_RESUME_MAY_CHANGE = frozenset(
+    {
+        'resume', 'data_dir', 'dataset_download', 'output', 'experiment', 'device', 'log_interval', 'checkpoint_hist',
+        'val_interval', 'epochs', 'start_epoch', 'crop_off_epoch', 'mixup_off_epoch', 'no_resume_opt',
+        'validation_batch_size', 'eval_hflip', 'torchcompile', 'torchcompile_mode', 'grad_checkpointing',
+        'channels_last', 'clip_grad', 'clip_mode', 'sched', 'sched_on_updates', 'warmup_epochs', 'warmup_lr',
+        'warmup_prefix', 'min_lr', 'cooldown_epochs', 'decay_epochs', 'decay_milestones', 'decay_rate',
+        'patience_epochs', 'lr_cycle_mul', 'lr_cycle_decay', 'lr_cycle_limit', 'lr_k_decay',
+    }
+)  # fmt: skip
+# Honoured on resume only with no_resume_opt: otherwise the restored optimizer state brings its own values.
+_OPTIMIZER_KEYS = frozenset(
+    {'opt', 'opt_eps', 'opt_betas', 'opt_kwargs', 'momentum', 'weight_decay', 'layer_decay', 'lr', 'lr_base',
+     'lr_base_size', 'lr_base_scale'}
+)  # fmt: skip
+
+
+def check_resume(args: argparse.Namespace) -> dict[str, Any]:
+    """Check the resume checkpoint (readable, a training checkpoint, args it can honour) before anything is built.
+
+    Returns the checkpoint's training args.
+    """
+    path = Path(args.resume)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f'resume {path}: no such checkpoint. Give the last.pth.tar (or a checkpoint-N.pth.tar) of the run to '
+            'continue.'
+        )
+    try:
+        ckpt = load_checkpoint_metadata(str(path))
+    except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on damaged or foreign files
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(
+            f'resume {path}: not a readable training checkpoint ({first}). Is it truncated? Resume from another '
+            'checkpoint of the run (checkpoint-N.pth.tar).'
+        ) from e
+    if not isinstance(ckpt, dict) or not isinstance(ckpt.get('state_dict'), dict) or 'epoch' not in ckpt:
+        raise ValueError(
+            f'resume {path}: not a timm training checkpoint (no state_dict and epoch). To start from weights alone, '
+            f'use initial_checkpoint: {path}.'
+        )
+    saved = ckpt.get('args')
+    saved = vars(saved) if isinstance(saved, argparse.Namespace) else dict(saved or {})
+    known = set(TRAIN_PY_DEFAULTS) | set(QUICK_TRAINER_KEYS)
+    may_change = _RESUME_MAY_CHANGE | (_OPTIMIZER_KEYS if args.no_resume_opt else set())
+    for key in sorted(known & set(saved) - may_change):
+        if _same(saved[key], getattr(args, key)):
+            continue
+        why = (
+            'the optimizer state it restores keeps its own; add no_resume_opt: true to start the optimizer afresh'
+            if key in _OPTIMIZER_KEYS
+            else "a resumed run continues the checkpoint's model, data and seed"
+        )
+        raise ValueError(
+            f"resume {path}: {key} {getattr(args, key)!r} differs from the checkpoint's {saved[key]!r}, which a "
+            f'resumed run cannot honour ({why}). Resume with {key}: {saved[key]!r}, or start a new run from its '
+            f'weights with initial_checkpoint: {path}.'
+        )
+    return saved
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, float) or isinstance(b, float):
+        return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
+    return a == b
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# budget_minutes' rule: the schedule's length fitted to the pace so far, the epoch switches scaled with it
+
+# The fitted schedule assumes each epoch takes this much longer than the mean so far: a VM's pace drifts within a
+# run, and the epochs after the last refit are not measured.
+_BUDGET_MARGIN = 1.03
+
+
+def fit_to_budget(args: argparse.Namespace, epochs_done: int, elapsed_s: float) -> int:
+    """The schedule's length in epochs that ends within ``args.budget_minutes``, at the pace of the epochs so far."""
+    left = args.budget_minutes * 60 - elapsed_s
+    # the mean epoch so far, not the last one: a single epoch's pace can be far from the run's
+    fitted = epochs_done + max(0, math.floor(left / (elapsed_s / epochs_done * _BUDGET_MARGIN)))
+    if args.distributed:  # every process must run the same schedule: the primary's measurement decides
+        fitted_t = torch.tensor([fitted], dtype=torch.int64, device=args.device)
+        dist.broadcast(fitted_t, src=0)
+        fitted = int(fitted_t.item())
+    return fitted
+
+
+def set_epochs(args: argparse.Namespace, planned: dict[str, int], epochs: int) -> None:
+    """Give ``args`` a schedule of ``epochs``, with the recipe's (``planned``) epoch switches scaled to it."""
+    args.epochs = epochs
+    for key in ('crop_off_epoch', 'mixup_off_epoch'):  # from the recipe's values: no compound rounding
+        if planned[key]:
+            setattr(args, key, round(planned[key] * epochs / planned['epochs']))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run folder: where a recipe's run is written, and what resuming it may overwrite
+
+_RUN_FILES = ('summary.csv', '*.pth.tar')  # what makes a folder hold a run (args.yaml alone: it died before epoch 1)
+
+
+def holds_run(folder: Path) -> bool:
+    """Whether ``folder`` holds a run: a summary or a checkpoint (args.yaml alone: it died before epoch 1)."""
+    return folder.is_dir() and any(next(folder.glob(pattern), None) for pattern in _RUN_FILES)
+
+
+def run_folder(args: argparse.Namespace, img_size: int) -> Path:
+    """The run folder (not created yet): a new one, or the resumed run's own; never another run's."""
+    if args.resume and not args.experiment:
+        return Path(args.resume).parent  # continue the run in its folder
+    name = args.experiment or '-'.join([time.strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(img_size)])
+    out = Path(args.output or './output/train') / name
+    if not holds_run(out):
+        return out
+    if not args.resume:
+        last = out / 'last.pth.tar'
+        raise FileExistsError(
+            f'{out} already holds a run. Choose another experiment name'
+            + (f', or resume it with resume: {last}.' if last.is_file() else '.')
+        )
+    if out.resolve() != Path(args.resume).resolve().parent:
+        raise FileExistsError(
+            f'{out} holds another run: resuming {args.resume} there would overwrite its checkpoints and summary. '
+            f'Leave experiment unset to continue in {Path(args.resume).parent}, or choose a new experiment name.'
+        )
+    return out
+
+
+def continue_in_place(out: Path, saver: CheckpointSaver, resume: Path, start_epoch: int) -> None:
+    """Resuming into the run's own folder: keep its best checkpoint and history, one summary row per epoch."""
+    later = [p.name for p in out.glob('checkpoint-*.pth.tar') if _epoch_of(p) >= start_epoch]
+    best = out / 'model_best.pth.tar'
+    best_meta = load_checkpoint_metadata(str(best)) if best.is_file() else None
+    if best_meta is not None and best_meta.get('epoch', -1) >= start_epoch:
+        later.append(best.name)
+    if later:
+        raise FileExistsError(
+            f'resume {resume}: {out} already holds epochs from {start_epoch} on ({", ".join(sorted(later))}), which '
+            f'resuming from epoch {start_epoch - 1} would overwrite. Resume from {out / "last.pth.tar"}, or into a new '
+            'experiment folder.'
+        )
+    saver.load_state_dict_from_checkpoint(str(resume))  # timm's own bookkeeping: top-k files and the best metric
+    if saver.best_metric is None and best_meta is not None:  # a checkpoint from before timm kept that state
+        saver.best_metric, saver.best_epoch = best_meta.get('metric'), best_meta.get('epoch')
+    summary = out / 'summary.csv'
+    if summary.is_file():
+        with summary.open(newline='') as f:
+            rows = list(csv.reader(f))
+        kept = [r for r in rows if not (r and r[0].isdigit() and int(r[0]) >= start_epoch)]
+        if len(kept) != len(rows):  # epochs logged after the checkpoint was written, run again now
+            _logger.info(f'summary.csv: dropping {len(rows) - len(kept)} row(s) of epochs that are run again')
+            with summary.open('w', newline='') as f:
+                csv.writer(f).writerows(kept)
+
+
+def _epoch_of(path: Path) -> int:
+    tail = path.name[len('checkpoint-') : -len('.pth.tar')]
+    return int(tail) if tail.isdigit() else -1
+
+
+def write_args(output_dir: Path, args: argparse.Namespace) -> None:
+    """args.yaml as train.py writes it: what the run is, for `smallvit export` and a resume (again after a refit)."""
+    (output_dir / 'args.yaml').write_text(yaml.safe_dump(vars(args), default_flow_style=False))
