@@ -4,6 +4,7 @@ import argparse
 import csv
 import importlib.util
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -243,6 +244,21 @@ def test_a_schedule_refitted_by_the_budget_continues_as_if_planned_that_long(
     assert lr_fitted[1] != pytest.approx(lr_planned[1])
     assert lr_fitted[2:] == pytest.approx(lr_planned[2:], rel=1e-9)
     assert (fitted['args'].epochs, fitted['args'].crop_off_epoch) == (5, 3)  # round(4 * 5 / 7)
+
+
+def test_a_refit_that_ends_the_run_after_a_skipped_epoch_evaluates_that_epoch(tmp_path, fmnist_src, monkeypatch):
+    # the pace after the third epoch (which val_interval 2 skips) says the budget is spent: the refit makes that epoch
+    # the last, and the last epoch is always evaluated, with its summary row and checkpoint
+    monkeypatch.setattr(trainer_module, 'fit_to_budget', lambda args, done, elapsed_s: 3 if done == 3 else 8)
+    tiny = dict(train_num_samples=256, val_num_samples=64)
+    result = _run(tmp_path, fmnist_src, 'spent', epochs=8, val_interval=2, budget_minutes=30, **tiny)
+    assert result['args'].epochs == 3
+    rows = _summary(result['output_dir'])
+    assert [r['epoch'] for r in rows] == [1, 2] and [h['epoch'] for h in result['history']] == [1, 2]
+    assert _load_checkpoint(result['output_dir'] / 'last.pth.tar')['epoch'] == 2
+    assert (result['output_dir'] / 'checkpoint-2.pth.tar').is_file()
+    # the row logs the lr the epoch trained at: the 8-epoch cosine's, not the refitted schedule's
+    assert rows[1]['lr'] == pytest.approx(0.5 * QUICK['lr'] * (1 + math.cos(math.pi * 2 / 8)))
 
 
 def test_channels_last_trains_the_same_model_and_exports(tmp_path, fmnist_src):

@@ -126,7 +126,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         )  # fmt: skip
         train_time = time.perf_counter() - t_epoch
         seen = updates_per_epoch * args.batch_size * args.world_size  # every batch full (drop_last), every process
-        lrs = [group['lr'] for group in optimizer.param_groups]  # the lr the epoch trained at
+        lrs = [group['lr'] for group in optimizer.param_groups]  # the lr the epoch trained at, before any refit
+        if refit:  # before the evaluation decision: an epoch that a refit makes the last is evaluated like any last
+            elapsed = time.perf_counter() - t_start
+            lr_scheduler, num_epochs = _refit_to_budget(
+                args, planned, optimizer, lr_scheduler, updates_per_epoch, epoch, num_epochs, elapsed, output_dir
+            )
         metric: float | None = None  # the epoch's eval_metric, None after an epoch that val_interval skips
         # train.py's --val-interval: no evaluation, summary row or checkpoint after the epochs it skips
         evaluated = (epoch + 1) % args.val_interval == 0 or epoch + 1 == num_epochs
@@ -153,12 +158,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 dict(epoch=epoch, **timing, eval_time=eval_time, train_loss=train_metrics['loss'], **eval_metrics)
             )
         if lr_scheduler is not None:
-            lr_scheduler.step(epoch + 1, metric)
-        if refit:
-            elapsed = time.perf_counter() - t_start
-            lr_scheduler, num_epochs = _refit_to_budget(
-                args, planned, optimizer, lr_scheduler, updates_per_epoch, epoch, num_epochs, elapsed, output_dir
-            )
+            lr_scheduler.step(epoch + 1, metric)  # after a refit, the step it made already: the same lr again
         epoch += 1
 
     if args.distributed:
@@ -546,9 +546,10 @@ def _refit_to_budget(
     elapsed: float,
     output_dir: Path | None,
 ) -> tuple[Scheduler | None, int]:
-    """After ``epoch``, the schedule (and its epochs) that fits ``args.budget_minutes`` at the pace so far.
+    """The schedule (and its epochs) that fits ``args.budget_minutes``, after ``epoch`` trains, before its evaluation.
 
-    A new schedule changes ``args`` (epochs and the epoch switches) and the run's args.yaml.
+    The pace is the mean epoch so far, with the evaluations before this epoch's. A new schedule changes ``args`` (epochs
+    and the epoch switches) and the run's args.yaml.
     """
     # After each epoch from the second, the pace so far says how many epochs fit the budget. Refits stop before
     # the last fifth and before crop/mixup switch off: late in a cosine a change of length would jolt the low lr.
