@@ -9,7 +9,9 @@ holds another run; its ``args.yaml`` (:func:`write_args`) is a recipe again.
 """
 
 import argparse
+import contextlib
 import csv
+import inspect
 import logging
 import math
 import os
@@ -17,6 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import timm
 import torch
 import torch.distributed as dist
 import yaml
@@ -24,8 +27,10 @@ from timm.models import safe_model_name
 from timm.utils import CheckpointSaver, load_checkpoint_metadata
 
 from .data import TORCH_DATASETS
+from .smallvit import SmallViT
 
 __all__ = [
+    'BOOL_KEYS',
     'QUICK_TRAINER_KEYS',
     'TRAIN_PY_DEFAULTS',
     'TRAIN_PY_WITHOUT',
@@ -34,6 +39,7 @@ __all__ = [
     'fit_to_budget',
     'holds_run',
     'load_recipe',
+    'parse_bool',
     'resolve_args',
     'resolve_lr',
     'run_folder',
@@ -180,6 +186,27 @@ TRAIN_PY_WITHOUT: dict[str, str] = {
 _RUNTIME_KEYS = ('distributed', 'local_rank', 'rank', 'world_size', 'label_names')
 
 
+# every boolean recipe key (its default is a bool): read by parse_bool, from YAML and --set alike
+BOOL_KEYS = frozenset(k for k, v in {**TRAIN_PY_DEFAULTS, **QUICK_TRAINER_KEYS}.items() if isinstance(v, bool))
+_TRUE, _FALSE = ('true', 'yes', '1'), ('false', 'no', '0')
+
+
+def parse_bool(key: str, value: Any) -> bool:
+    """A boolean recipe value: a bool, or true/false, yes/no, 1/0 in any case; anything else a one-line error.
+
+    ``--set amp=false`` gives the string 'false' (timm's ParseKwargs keeps what literal_eval cannot read), which
+    Python takes as true: every boolean key goes through here, so 'false' means false wherever it comes from.
+    """
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower() if isinstance(value, (str, int)) else None
+    if text in _TRUE:
+        return True
+    if text in _FALSE:
+        return False
+    raise ValueError(f'{key} {value!r}: expected true or false (also yes/no, 1/0, in any case).')
+
+
 def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML recipe (train.py's --config format: a mapping of train.py argument names to values)."""
     path = Path(path)
@@ -213,7 +240,10 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
             f'smallvit train does not honour recipe key(s): {", ".join(unknown)}. Remove them, or run the recipe '
             f"with timm's train.py (`smallvit train-py` prints its command line)."
         )
+    for key in BOOL_KEYS & set(merged):
+        merged[key] = parse_bool(key, merged[key])  # so args.yaml records what ran: a bool
     args = argparse.Namespace(**{**TRAIN_PY_DEFAULTS, **QUICK_TRAINER_KEYS, **merged})
+    _check_model(args)
     if args.dataset and args.dataset not in TORCH_DATASETS:
         raise ValueError(
             f"dataset {args.dataset!r}: the quick trainer reads an image folder (dataset: '', data_dir: the folder "
@@ -237,8 +267,6 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
     if budget and args.sched == 'plateau':
         raise ValueError('budget_minutes needs a schedule of known length; the plateau schedule has none.')
     _check_counts(args)
-    if not isinstance(args.eval_hflip, bool):
-        raise ValueError(f'eval_hflip {args.eval_hflip!r}: true or false (True or False with --set).')
     if isinstance(args.crop_off_epoch, bool) or not isinstance(args.crop_off_epoch, int) or args.crop_off_epoch < 0:
         raise ValueError(f'crop_off_epoch {args.crop_off_epoch!r}: an epoch number (0-based), or 0 to crop to the end.')
     # e.g. a recipe's epochs shortened with --set: say so rather than crop to the end silently
@@ -261,6 +289,39 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
             )
         args.device = 'cpu'  # train.py's default device; here it means cuda when there is one
     return args
+
+
+def _check_model(args: argparse.Namespace) -> None:
+    # what timm would otherwise answer with a traceback from deep inside create_model or the optimizer
+    name = args.model
+    if not isinstance(name, str) or not (name.startswith(('hf-hub:', 'local-dir:')) or timm.is_model(name)):
+        raise ValueError(
+            f"model {name!r}: no such timm model. `smallvit recipes` lists recipes; timm.list_models('smallvit*') "
+            'the smallvit models.'
+        )
+    lr = args.lr
+    if isinstance(lr, str):  # YAML reads 1e-3 (no dot) as a string
+        with contextlib.suppress(ValueError):
+            lr = args.lr = float(lr)
+    if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < math.inf):
+        raise ValueError(f"lr {lr!r}: a positive number (e.g. 1e-3), or leave it unset for train.py's rule.")
+    size = args.img_size
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+        raise ValueError(f'img_size {size!r}: the input size in pixels, a whole number of at least 1, or unset.')
+    kwargs = args.model_kwargs
+    if not isinstance(kwargs, dict):
+        raise ValueError(
+            f'model_kwargs {kwargs!r}: a mapping of model arguments, e.g. {{img_size: 56}} in YAML or '
+            f'--set "model_kwargs={{\'img_size\': 56}}".'
+        )
+    if name.startswith('smallvit'):
+        known = set(inspect.signature(SmallViT.__init__).parameters) - {'self', 'kwargs'}
+        unknown = sorted(set(map(str, kwargs)) - known)
+        if unknown:
+            raise ValueError(
+                f'model_kwargs: {", ".join(unknown)} is not an argument of {name} (SmallViT takes '
+                f'{", ".join(sorted(known))}).'
+            )
 
 
 # (key, smallest value, may be None): integer recipe keys whose bad values would fail deep inside training
