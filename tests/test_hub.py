@@ -241,7 +241,7 @@ def test_card_edited_after_export_goes_up_as_it_is(hub, env, exported, tmp_path,
     assert edited != card
     (folder / 'README.md').write_text(edited)
     with caplog.at_level(logging.WARNING, logger='timm_smallvit.hub'):
-        timm_smallvit.push_to_hub(folder, 'alice/edited-card')
+        timm_smallvit.push_to_hub(folder, 'alice/edited-card', allow_edited_card=True)  # refused without it
     assert hub.file('alice/edited-card', 'README.md').decode() == edited  # nothing in it rewritten
     assert 'README.md is not the card export wrote' in caplog.text and 'hf-hub:alice/edited-card' in caplog.text
 

@@ -136,6 +136,7 @@ def _push(args: argparse.Namespace) -> int:
         private=args.private,
         revision=args.revision,
         commit_message=args.commit_message,
+        allow_edited_card=args.allow_edited_card,
     )
     print(f'Pushed {args.out_dir} to {args.repo_id}: {commit.commit_url}')
     return 0
@@ -197,6 +198,11 @@ def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
     push.add_argument('--private', action='store_true', help='create the repo private')
     push.add_argument('--revision', help='branch to commit to (created if missing; default main)')
     push.add_argument('--commit-message', help='commit title')
+    push.add_argument(
+        '--allow-edited-card',
+        action='store_true',
+        help='push a README.md edited after export as it is (never a link; without this flag it is refused)',
+    )
     push.set_defaults(func=_push)
 
     predict = sub.add_parser(

@@ -53,6 +53,7 @@ def push_to_hub(
     revision: str | None = None,
     commit_message: str | None = None,
     token: str | None = None,
+    allow_edited_card: bool = False,
 ) -> CommitInfo:
     """Upload an exported folder to a Hub model repo (created if needed), as one commit.
 
@@ -61,7 +62,9 @@ def push_to_hub(
     Everything is checked before the first change on the Hub (the files, the card's metadata, the token, that the
     endpoint answers), and the commit removes the files an earlier push left on the branch that the folder no longer
     has. The uploaded card is rendered again from the template with ``repo_id`` (and the branch) in its usage snippet,
-    from the values export kept in it; a card edited after export goes up as it is. out_dir itself is not changed.
+    from the values export kept in it; a card edited after export is refused unless ``allow_edited_card`` (then it
+    goes up as it is). A file with more than one hard link is refused, whatever it holds: the name in the folder may
+    be another file's (a secret's) second name. out_dir itself is not changed.
     The endpoint is huggingface_hub's (HF_ENDPOINT); the token is never written, printed or logged.
 
     Args:
@@ -71,6 +74,7 @@ def push_to_hub(
         revision: Branch to commit to (created from main if missing); default main.
         commit_message: Commit title; default 'Upload <architecture> (timm-smallvit)'.
         token: Hub token; default HF_TOKEN or the stored `hf auth login` token.
+        allow_edited_card: Push a README.md that export did not write (edited by hand) as it is.
 
     Returns:
         The commit: a str (its URL) with .oid and .commit_url.
@@ -88,7 +92,8 @@ def push_to_hub(
     # is what upload_folder sends. allow_patterns then only restates what the copy holds.
     with tempfile.TemporaryDirectory(prefix='smallvit-push-') as tmp:
         stage = Path(tmp)
-        names = _stage_upload(folder, stage, f'hf-hub:{repo_id}@{branch}' if branch else f'hf-hub:{repo_id}')
+        model_ref = f'hf-hub:{repo_id}@{branch}' if branch else f'hf-hub:{repo_id}'
+        names = _stage_upload(folder, stage, model_ref, allow_edited_card)
         config = _check_files(stage / CONFIG_NAME, stage / WEIGHTS_NAME, str(folder))
         token = token or get_token()
         if not token:
@@ -174,14 +179,19 @@ def _connection_errors() -> tuple[type[BaseException], ...]:
     return tuple(errors)
 
 
-def _stage_upload(folder: Path, stage: Path, model_ref: str) -> list[str]:
+def _stage_upload(folder: Path, stage: Path, model_ref: str, allow_edited_card: bool) -> list[str]:
     """Copy the export files into stage, as regular files only; the card is rendered again to name model_ref."""
     real, names, others = _export_files(folder)
-    for name in names:
-        _copy_regular(real / name, stage / name, folder / name)
+    links = {name: _copy_regular(real / name, stage / name, folder / name) for name in names}
     for png in (CURVE_NAME, GRID_NAME):
         if png in names and not (stage / png).read_bytes().startswith(PNG_MAGIC):
             raise ValueError(f'{folder / png} is not a PNG image: remove it, or export again.')
+    linked = [name for name, count in links.items() if count != 1]
+    if linked:  # a hard link is a regular file, and its other name may be anything (a secret)
+        raise ValueError(
+            f'{folder / linked[0]}: a hard link ({links[linked[0]]} names for one file): only files export wrote are '
+            'pushed, never a link (even with --allow-edited-card). Export again.'
+        )
     if CARD_NAME in names:
         path = stage / CARD_NAME
         try:
@@ -197,6 +207,11 @@ def _stage_upload(folder: Path, stage: Path, model_ref: str) -> list[str]:
                 f'({reason}). Fix it, or export again; nothing was pushed.'
             ) from e
         rendered = render_for(card, text, model_ref)
+        if rendered is None and not allow_edited_card:
+            raise ValueError(
+                f'{folder / CARD_NAME} is not the card export wrote (edited since, or by an older timm-smallvit): '
+                'export again, or push it as it is with --allow-edited-card (allow_edited_card=True).'
+            )
         if rendered is None:
             _logger.warning(
                 '%s is not the card export wrote (edited since, or by an older timm-smallvit): it goes up as it is, '
@@ -210,8 +225,9 @@ def _stage_upload(folder: Path, stage: Path, model_ref: str) -> list[str]:
     return names
 
 
-def _copy_regular(src: Path, dst: Path, shown: Path) -> None:
-    # O_NOFOLLOW + fstat: what is copied is the regular file that was checked, even if the name changed since
+def _copy_regular(src: Path, dst: Path, shown: Path) -> int:
+    # O_NOFOLLOW + fstat: what is copied is the regular file that was checked, even if the name changed since;
+    # returns its link count, which that same fstat read
     try:
         fd = os.open(src, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))
     except OSError as e:
@@ -219,10 +235,12 @@ def _copy_regular(src: Path, dst: Path, shown: Path) -> None:
             raise ValueError(f'{shown} is a symbolic link: only regular files are pushed.') from e
         raise
     with os.fdopen(fd, 'rb') as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode):
             raise ValueError(f'{shown} is not a regular file: remove it, or export again.')
         with dst.open('wb') as out:
             shutil.copyfileobj(f, out)
+        return st.st_nlink
 
 
 def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn.Module:
@@ -304,13 +322,54 @@ def _read_export(config_path: Path, weights_path: Path, where: str) -> tuple[dic
     except Exception as e:  # safetensors raises SafetensorError, OSError or ValueError on bad files
         raise ValueError(f'{where}: model.safetensors is corrupt or truncated ({e}). Export the model again.') from e
     head = state_dict.get('head.weight')
+    if head is None and num_classes:
+        raise ValueError(
+            f'{where}: model.safetensors: head.weight missing (the classifier of the {num_classes} classes '
+            'config.json names). Export the model again.'
+        )
     weight_classes = head.shape[0] if head is not None else 0
     if num_classes is not None and num_classes != weight_classes:
         raise ValueError(
             f'{where}: num_classes mismatch: config.json says {num_classes} classes, but the classifier in '
             f'model.safetensors (head.weight) has {weight_classes} outputs. Export the model again.'
         )
+    _check_tensors(config, state_dict, where)
     return config, state_dict
+
+
+def _check_tensors(config: dict[str, Any], state_dict: dict[str, torch.Tensor], where: str) -> None:
+    """The weights must be the tensors of the model config.json describes: each there, of its shape, float and finite.
+
+    The model is built on the meta device, so a config asking for an absurd size (img_size 100000: 160 GB) is
+    refused by its shapes before any memory is allocated.
+    """
+    model_args = dict(config.get('model_args', {}))
+    num_classes = config.get('num_classes', model_args.get('num_classes'))
+    if num_classes is not None:
+        model_args['num_classes'] = num_classes
+    try:
+        with torch.device('meta'):
+            expected = timm.create_model(config['architecture'], **model_args).state_dict()
+    except (TypeError, ValueError, RuntimeError) as e:
+        raise ValueError(f'{where}: config.json model_args do not build {config["architecture"]}: {e}') from e
+    described = ', '.join(f'{k} {v}' for k, v in model_args.items())
+    for name, want in expected.items():
+        got = state_dict.get(name)
+        if got is None:
+            continue  # load_strict names what is missing, with what is unexpected
+        if got.shape != want.shape:  # in load_strict's words, with what config.json asked for
+            raise ValueError(
+                f'{where}: the weights in model.safetensors do not fit {config["architecture"]}: shapes differ: '
+                f'{name} {tuple(got.shape)} vs {tuple(want.shape)} in the model config.json describes ({described}). '
+                'Export the model again.'
+            )
+        if want.is_floating_point() and not got.is_floating_point():
+            raise ValueError(
+                f'{where}: model.safetensors: {name}: {str(got.dtype).removeprefix("torch.")}, where float weights '
+                'are expected. Export the model again.'
+            )
+        if got.is_floating_point() and not torch.isfinite(got).all():
+            raise ValueError(f'{where}: model.safetensors: {name}: not finite (NaN or inf). Export the model again.')
 
 
 def _check_weights(config: dict[str, Any], state_dict: dict[str, torch.Tensor], where: str) -> None:
