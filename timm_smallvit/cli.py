@@ -153,21 +153,28 @@ def _predict(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         raise ValueError(f'--top-k {args.top_k}, --batch-size {args.batch_size}: both must be at least 1.')
     paths = find_images(args.images)  # every input named is checked before the model loads or anything is written
+    if args.json and Path(args.json).exists() and not args.overwrite:
+        raise FileExistsError(f'--json {_printable(args.json)} already exists: choose a new file, or pass --overwrite.')
     model = load_model(args.model)
     records = predict(model, paths, top_k=args.top_k, batch_size=args.batch_size, attention_dir=args.attention)
     for record in records:
         if 'error' in record:
             continue
         top = ', '.join(f'{p["label"]} {p["probability"]:.3f}' for p in record['predictions'])
-        print(f'{record["file"]}: {top}')
+        print(f'{_printable(record["file"])}: {top}')
     if args.json:
         write_atomically(args.json, lambda tmp: Path(tmp).write_text(''.join(json.dumps(r) + '\n' for r in records)))
     failed = [r for r in records if 'error' in r]
     for record in failed:
-        print(f'smallvit predict: error: {record["file"]}: {record["error"]}', file=sys.stderr)
+        print(f'smallvit predict: error: {_printable(record["file"])}: {record["error"]}', file=sys.stderr)
     if failed:
         print(f'smallvit predict: {len(failed)} of {len(records)} files could not be read', file=sys.stderr)
     return 1 if failed else 0
+
+
+def _printable(name: object) -> str:
+    # a file name may hold a newline or a terminal escape: shown escaped, it cannot forge a line of the output
+    return ''.join(c if c.isprintable() else c.encode('unicode_escape').decode('ascii') for c in str(name))
 
 
 def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
@@ -217,6 +224,7 @@ def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
     predict.add_argument('--top-k', type=int, default=3, help='labels to show per image (default 3)')
     predict.add_argument('--batch-size', type=int, default=64)
     predict.add_argument('--json', help='write one JSON record per image to this file (JSON Lines)')
+    predict.add_argument('--overwrite', action='store_true', help='replace an existing --json file')
     predict.add_argument(
         '--attention',
         metavar='DIR',
