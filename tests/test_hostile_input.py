@@ -145,20 +145,30 @@ def read_only_cache(root: Path, mp: pytest.MonkeyPatch) -> None:
     mp.setattr(os, 'open', open_read_only)
 
 
-def full_disk(module: Any) -> Setup:
-    """The disk fills while ``module`` writes a file (its write_atomically writes, then hits ENOSPC)."""
+DISK_FULL = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+SAFETENSORS_DISK_FULL = Exception('Error while serializing: I/O error: No space left on device (os error 28)')
+TORCH_DISK_FULL = RuntimeError('[enforce fail at inline_container.cc:672] . unexpected pos 576 vs 534')
+
+
+def full_disk(module: Any, writer: str = 'write_atomically', error: Exception = DISK_FULL) -> Setup:
+    """The disk fills while ``module.writer`` writes: it writes (part of) its file, then fails with ``error``."""
 
     def setup(given: Given) -> None:
-        real = module.write_atomically
+        real = getattr(module, writer)
 
-        def write_atomically(path: Any, write: Callable[[str], Any]) -> None:
-            def fill(tmp_name: str) -> None:
-                write(tmp_name)
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        def write(*args: Any, **kwargs: Any) -> None:
+            if writer == 'write_atomically':  # (path, write(tmp)): the write itself fails
+                path, inner = args
 
-            real(path, fill)
+                def fill(tmp_name: str) -> None:
+                    inner(tmp_name)
+                    raise error
 
-        given.mp.setattr(module, 'write_atomically', write_atomically)
+                return real(path, fill)
+            real(*args, **kwargs)
+            raise error
+
+        given.mp.setattr(module, writer, write)
 
     return setup
 
@@ -325,6 +335,28 @@ def printed_escaped(given: tuple[Path, Path, Path], stdout: str) -> None:
     assert len(lines) == 1 and 'forged\\nline.png' in lines[0], stdout
 
 
+def full_disk_export(error: Exception = DISK_FULL) -> Setup:
+    """A training run to export, on a disk that fills while export writes the weights."""
+
+    def setup(given: Given) -> Path:
+        from timm_smallvit import export as export_module
+
+        run = given.tmp / 'run'
+        make_training_run(run, epochs=1, model_ema=False)
+        full_disk(export_module, 'save_for_hf', error)(given)
+        return run
+
+    return setup
+
+
+def export_run(run: Path) -> Any:
+    out = run.parent / 'export'
+    try:
+        return timm_smallvit.export_checkpoint(run / 'last.pth.tar', out)
+    finally:
+        assert not out.exists() and not list(run.parent.glob('.export.export-*'))  # nothing half-written left
+
+
 # ---- checks --------------------------------------------------------------------------------------------------------
 
 
@@ -447,9 +479,11 @@ CASES = [
          train_with("model_kwargs={'img_sise': 56}"),
          error=r'model_kwargs: .*img_sise'),
     Case('8_pulled_config_asks_for_a_huge_image', export_copy(edit_config(img_size=100_000), no_model_built), pull,
-         error=r'pos_embed .* vs \(1, 625000001, .*img_size 100000'),
-    Case('8_export_on_a_full_disk', lambda given: _full_disk_export(given), lambda run: _export(run),
-         error=r'no space left on .*: \d+ MB needed'),
+         error=r'img_size 100000, .*positions \(pos_embed\)'),
+    Case('8_export_on_a_full_disk', full_disk_export(), export_run,
+         error=r'no space left on .*: \d+ MB needed .*export'),
+    Case('8_export_on_a_full_disk_safetensors_error', full_disk_export(SAFETENSORS_DISK_FULL), export_run,
+         error=r'no space left on .*: \d+ MB needed .*export'),
     # 10: checked pulls refuse what export would not write
     Case('10_nan_weights', export_copy(edit_weights(lambda t: t['head.bias'].fill_(math.nan))), pull,
          error=r'head.bias: .*not finite'),
@@ -470,19 +504,6 @@ def _resolve_in(tmp: Path, **overrides: Any) -> Any:
     from timm_smallvit.recipe import resolve_args
 
     return resolve_args(dict(RECIPE, data_dir=str(tmp)), **overrides)
-
-
-def _full_disk_export(given: Given) -> Path:
-    from timm_smallvit import export as export_module
-
-    run = given.tmp / 'run'
-    make_training_run(run, epochs=1, model_ema=False)
-    full_disk(export_module)(given)
-    return run
-
-
-def _export(run: Path) -> Any:
-    return timm_smallvit.export_checkpoint(run / 'last.pth.tar', run.parent / 'export')
 
 
 @pytest.fixture(autouse=True)

@@ -28,6 +28,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 from timm.models import save_for_hf
 
+from ._files import disk_full_error, is_disk_full
 from .card import read_summary, render_model_card, single_view
 from .checkpoint import (
     check_finite,
@@ -132,8 +133,11 @@ def export_checkpoint(
         for path in tmp.iterdir():
             os.chmod(path, 0o644)
         _move_into_place(tmp, out, overwrite)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if is_disk_full(e):  # torch and safetensors hide the errno in their own errors, or a C++ trace
+            need = sum(t.numel() * t.element_size() for t in state_dict.values()) + (1 << 20)  # + card, figures
+            raise disk_full_error(out, need, 'the export') from None
         raise
     _logger.info('Exported %s (%s) to %s', checkpoint, name, out)
     return out
