@@ -6,6 +6,7 @@ VisionTransformer. A speed path that changed the logits would change the exporte
 """
 
 import copy
+import json
 import os
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch.nn as nn
 from PIL import Image
 from timm.data import resolve_model_data_config
 
-from timm_smallvit import smallvit
+from timm_smallvit import cli, smallvit
 from timm_smallvit.data import FASHION_MNIST_CLASSES, load_fashion_mnist
 from timm_smallvit.layers import Block, ConvStem, Dropout
 from timm_smallvit.onnx_export import (
@@ -243,3 +244,52 @@ def test_the_output_check_fails_above_its_tolerance(tiny_model, tmp_path):
     with pytest.raises(ValueError) as e:
         check_onnx_output(path, x.numpy(), reference + 10 * LOGITS_ATOL)
     assert 'tolerance' in _one_line(e)
+
+
+# ---- the command line ---------------------------------------------------------------------------------------------
+
+
+def _cli(capsys, *argv: str) -> tuple[int, str, str]:
+    code = cli.main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_smallvit_onnx_then_predict_prints_what_pytorch_prints(fmnist_src, tmp_path, capsys):
+    out = tmp_path / 'convstem.onnx'
+    code, printed, _ = _cli(capsys, 'onnx', 'smallvit_tiny_convstem_28.fmnist', out)
+    assert code == 0 and str(out) in printed
+    _, _, paths = _test_images(fmnist_src, 6, tmp_path)
+    code, onnx_lines, _ = _cli(capsys, 'predict', out, *paths, '--json', tmp_path / 'onnx.jsonl')
+    assert code == 0
+    code, torch_lines, _ = _cli(
+        capsys, 'predict', 'smallvit_tiny_convstem_28.fmnist', *paths, '--json', tmp_path / 'pt.jsonl'
+    )
+    assert code == 0 and onnx_lines == torch_lines and len(onnx_lines.splitlines()) == 6
+    onnx_records = [json.loads(line) for line in (tmp_path / 'onnx.jsonl').read_text().splitlines()]
+    torch_records = [json.loads(line) for line in (tmp_path / 'pt.jsonl').read_text().splitlines()]
+    assert [r['predictions'][0]['label'] for r in onnx_records] == [r['predictions'][0]['label'] for r in torch_records]
+
+
+def test_smallvit_onnx_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys):
+    existing = tmp_path / 'existing.onnx'
+    existing.write_bytes(b'keep me')
+    text = tmp_path / 'notes.onnx'
+    text.write_text('not a model\n')
+    image = tmp_path / 'a.png'
+    Image.new('L', (28, 28)).save(image)
+    model = 'smallvit_tiny_convstem_28.fmnist'
+    cases = [
+        ('onnx', 'smallvit_unknown_model', tmp_path / 'a.onnx'),
+        ('onnx', model, existing),
+        ('onnx', model, tmp_path),
+        ('onnx', model, _unwritable_folder(tmp_path) / 'a.onnx'),
+        ('onnx', model, tmp_path / 'b.onnx', '--quantize', 'int4'),
+        ('predict', text, image),
+    ]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for argv in cases:
+        code, out, err = _cli(capsys, *argv)
+        assert code == 1 and out == '' and len(err.strip().splitlines()) == 1, (argv, err)
+        assert err.startswith(f'smallvit {argv[0]}: error: '), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and existing.read_bytes() == b'keep me'

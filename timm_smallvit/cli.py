@@ -155,8 +155,11 @@ def _predict(args: argparse.Namespace) -> int:
     paths = find_images(args.images)  # every input named is checked before the model loads or anything is written
     if args.json and Path(args.json).exists() and not args.overwrite:
         raise FileExistsError(f'--json {_printable(args.json)} already exists: choose a new file, or pass --overwrite.')
-    model = load_model(args.model)
-    records = predict(model, paths, top_k=args.top_k, batch_size=args.batch_size, attention_dir=args.attention)
+    if args.model.lower().endswith('.onnx'):
+        records = _predict_onnx(args, paths)
+    else:
+        model = load_model(args.model)
+        records = predict(model, paths, top_k=args.top_k, batch_size=args.batch_size, attention_dir=args.attention)
     for record in records:
         if 'error' in record:
             continue
@@ -170,6 +173,29 @@ def _predict(args: argparse.Namespace) -> int:
     if failed:
         print(f'smallvit predict: {len(failed)} of {len(records)} files could not be read', file=sys.stderr)
     return 1 if failed else 0
+
+
+def _predict_onnx(args: argparse.Namespace, paths: list) -> list[dict]:
+    from .onnx_export import OnnxClassifier
+
+    if args.attention:
+        raise ValueError('--attention needs the PyTorch model: an ONNX file has no attention maps to read.')
+    # preprocessing and labels come from the file's own metadata (smallvit onnx writes them)
+    return OnnxClassifier(args.model).predict(paths, top_k=args.top_k, batch_size=args.batch_size)
+
+
+def _onnx(args: argparse.Namespace) -> int:
+    from .onnx_export import QUANTIZE_MODES, check_output_path, export_onnx
+    from .predict import load_model
+
+    _setup_logging()
+    if args.quantize is not None and args.quantize not in QUANTIZE_MODES:
+        raise ValueError(f'--quantize {args.quantize}: unknown mode; valid: {", ".join(QUANTIZE_MODES)}.')
+    check_output_path(args.out, args.overwrite)  # before the model loads: a bad OUT costs nothing
+    path = export_onnx(load_model(args.model), args.out, quantize=args.quantize, overwrite=args.overwrite)
+    kind = f'{args.quantize} ' if args.quantize else ''
+    print(f'Exported {args.model} to {path} ({kind}ONNX, checked with onnxruntime)')
+    return 0
 
 
 def _printable(name: object) -> str:
@@ -217,8 +243,8 @@ def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
     )
     predict.add_argument(
         'model',
-        help='a pretrained name (smallvit_tiny_convstem_28.fmnist), local-dir:<folder>, hf-hub:<repo>, or a training '
-        'checkpoint (last.pth.tar)',
+        help='a pretrained name (smallvit_tiny_convstem_28.fmnist), local-dir:<folder>, hf-hub:<repo>, a training '
+        'checkpoint (last.pth.tar), or an .onnx file written by smallvit onnx (run with onnxruntime)',
     )
     predict.add_argument('images', nargs='+', help='image files, folders (searched recursively) or glob patterns')
     predict.add_argument('--top-k', type=int, default=3, help='labels to show per image (default 3)')
@@ -231,6 +257,19 @@ def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
         help="write a PNG per image: the last block's attention and the attention rollout over the image",
     )
     predict.set_defaults(func=_predict)
+
+    onnx = sub.add_parser(
+        'onnx', help='export a model to ONNX (checked with onnxruntime; preprocessing and labels in its metadata)'
+    )
+    onnx.add_argument(
+        'model',
+        help='a pretrained name (smallvit_tiny_convstem_28.fmnist), local-dir:<folder>, hf-hub:<repo>, or a training '
+        'checkpoint (last.pth.tar)',
+    )
+    onnx.add_argument('out', help='the .onnx file to write')
+    onnx.add_argument('--quantize', metavar='MODE', help='int8: onnxruntime dynamic quantization of the linear layers')
+    onnx.add_argument('--overwrite', action='store_true', help='replace an existing OUT')
+    onnx.set_defaults(func=_onnx)
 
 
 def _add_training_commands(sub: argparse._SubParsersAction) -> None:

@@ -36,14 +36,18 @@ if TYPE_CHECKING:
     import onnxruntime
 
 __all__ = [
+    'INPUT_NAME',
     'INT8_METHODS',
     'METADATA_KEYS',
+    'OUTPUT_NAME',
     'QUANTIZE_MODES',
     'OnnxClassifier',
     'check_onnx_output',
+    'check_output_path',
     'export_onnx',
     'onnx_metadata',
     'quantize_onnx',
+    'read_metadata',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -83,8 +87,13 @@ def onnx_metadata(model: torch.nn.Module) -> dict[str, str]:
     return {k: json.dumps(list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
 
 
-def _check_output(out: str | os.PathLike, overwrite: bool) -> Path:
-    """A one-line error, before any work, for an OUT that cannot or must not be written."""
+def check_output_path(out: str | os.PathLike, overwrite: bool) -> Path:
+    """``out`` as a Path; a one-line error, before any work, for an OUT that cannot or must not be written.
+
+    Args:
+        out: The ``.onnx`` file to write.
+        overwrite: Whether an existing file may be replaced.
+    """
     path = Path(out)
     if path.is_dir():
         raise IsADirectoryError(f'{path}: is a folder; name the .onnx file to write.')
@@ -135,7 +144,7 @@ def export_onnx(
         raise ValueError(f'int8 method {int8_method!r}: valid: {", ".join(INT8_METHODS)}.')
     if quantize and int8_method == 'static' and calibration is None:
         raise ValueError('static int8 quantization needs calibration images.')
-    path = _check_output(out, overwrite)
+    path = check_output_path(out, overwrite)
     input_size = tuple(resolve_model_data_config(model)['input_size'])
     was_training = model.training
     model.eval()
