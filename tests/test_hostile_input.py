@@ -357,6 +357,41 @@ def export_run(run: Path) -> Any:
         assert not out.exists() and not list(run.parent.glob('.export.export-*'))  # nothing half-written left
 
 
+HOSTILE_LABELS = ['two\nlines', '---', '<b>bold</b>', '<!-- hidden', 'a|b', '[x](javascript:1)', 'f', 'g', 'h', 'i']
+
+
+def exported_run(**args: Any) -> Setup:
+    """A short training run with these training args, exported: the export's folder."""
+
+    def setup(given: Given) -> Path:
+        run = make_training_run(given.tmp / 'run', epochs=1, model_ema=False, **args)
+        return timm_smallvit.export_checkpoint(run / 'last.pth.tar', given.tmp / 'export')
+
+    return setup
+
+
+def read_card(folder: Path) -> tuple[Any, str]:
+    from huggingface_hub import ModelCard
+
+    text = (folder / 'README.md').read_text()
+    return ModelCard(text), text
+
+
+def labels_escaped(folder: Path, card: tuple[Any, str]) -> None:
+    data, text = card
+    body = text.split('\n---\n', 1)[1]  # after the front matter
+    body = body.rpartition('<!-- timm-smallvit card: ')[0]  # before export's own closing comment
+    assert '\n---\n' not in body and '<b>' not in body and '<!--' not in body and ' [x](javascript' not in body
+    assert 'two\\nlines' in body and '&lt;b&gt;bold&lt;/b&gt;' in body and 'a\\|b' in body
+    assert list(data.data.to_dict()) and data.content == text  # the front matter still parses
+
+
+def fine_tune_card(folder: Path, card: tuple[Any, str]) -> None:
+    data, text = card
+    assert data.data.base_model == 'timm-smallvit/smallvit_nano_patch4_28.fmnist'
+    assert 'smallvit_nano_patch4_28.fmnist`' not in text and '`smallvit_nano_patch4_28`' in text
+
+
 # ---- checks --------------------------------------------------------------------------------------------------------
 
 
@@ -484,6 +519,11 @@ CASES = [
          error=r'no space left on .*: \d+ MB needed .*export'),
     Case('8_export_on_a_full_disk_safetensors_error', full_disk_export(SAFETENSORS_DISK_FULL), export_run,
          error=r'no space left on .*: \d+ MB needed .*export'),
+    # 9: names from class folders are escaped in the card body
+    Case('9_hostile_label_names', exported_run(label_names=HOSTILE_LABELS), read_card, check=labels_escaped),
+    # 11: a fine-tuned export's card says where it started, and names the untagged architecture
+    Case('11_fine_tuned_card', exported_run(model='smallvit_nano_patch4_28.fmnist', pretrained=True), read_card,
+         check=fine_tune_card),
     # 10: checked pulls refuse what export would not write
     Case('10_nan_weights', export_copy(edit_weights(lambda t: t['head.bias'].fill_(math.nan))), pull,
          error=r'head.bias: .*not finite'),

@@ -13,6 +13,7 @@ again with the repo's name in its usage snippet.
 from __future__ import annotations
 
 import csv
+import html
 import importlib.resources
 import json
 import logging
@@ -27,6 +28,7 @@ import jinja2
 import timm
 import torch
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from timm.models import get_pretrained_cfg, split_model_name_tag
 from torch.utils.flop_counter import FlopCounterMode
 
 from .checkpoint import dataset_info, model_img_size
@@ -95,6 +97,7 @@ def render_model_card(
         grid_file: The prediction grid's file in the export, if any.
         grid_sentence: What the prediction grid shows.
     """
+    name = split_model_name_tag(name)[0]  # a fine-tuned run of 'x.fmnist' is an x; base_model says where it started
     hub_dataset, known_name, _ = dataset_info(args.get('dataset'))
     dataset_name = known_name or args.get('dataset') or _folder_name(args)
     split = 'test' if hub_dataset else str(args.get('val_split') or 'validation')
@@ -128,9 +131,11 @@ def render_model_card(
         datasets=[hub_dataset] if hub_dataset else None,
         model_name=model_name if eval_results else None,
         eval_results=eval_results or None,
+        base_model=_base_model(args),
     )
-    title = f'{name} on {dataset_name}' if dataset_name else name
-    context = _model_context(model, name, config, info, title=title, checkpoint=checkpoint, dataset_name=dataset_name)
+    shown_dataset = _card_text(dataset_name) if dataset_name else None  # a folder name: anything a user typed
+    title = f'{name} on {shown_dataset}' if shown_dataset else name
+    context = _model_context(model, name, config, info, title=title, checkpoint=checkpoint, dataset_name=shown_dataset)
     # after the model's values, in the order the card has always saved them (its last line keeps them, as JSON)
     context.update(
         recipe=_recipe(args),
@@ -211,7 +216,7 @@ def _model_context(
         mlp_hidden=blocks[0].mlp.fc1.weight.shape[0],
         pooling=_describe_pool(model.global_pool),
         num_classes=num_classes,
-        label_names=config.get('label_names'),
+        label_names=[_card_text(n) for n in config['label_names']] if config.get('label_names') else None,
         dataset_name=dataset_name,
         interpolation=cfg.get('interpolation'),
         crop_pct=cfg.get('crop_pct'),
@@ -219,6 +224,26 @@ def _model_context(
         std=_fmt_tuple(cfg.get('std')),
         top_k=min(3, num_classes) if num_classes else 1,
     )
+
+
+def _card_text(value: Any) -> str:
+    """A name (a class folder's, a dataset folder's) as the card body shows it: one line, no HTML, no Markdown.
+
+    A newline, a `---` line, raw HTML or an unclosed `<!--` in a class name would break or hide the rest of the card.
+    """
+    text = ''.join(f'\\{c}' if c in '\\`*_[]|' else c for c in html.escape(str(value), quote=False))
+    return ''.join(c if c.isprintable() else c.encode('unicode_escape').decode('ascii') for c in text)
+
+
+def _base_model(args: dict[str, Any]) -> str | None:
+    """The Hub repo a fine-tuned run started from (the card's base_model), where it has one."""
+    model = args.get('model')
+    if not args.get('pretrained') or not isinstance(model, str) or model.startswith('local-dir:'):
+        return None  # trained from scratch, or from a file (initial_checkpoint, a local export): no Hub repo
+    if model.startswith('hf-hub:'):
+        return model[len('hf-hub:') :].split('@')[0]
+    cfg = get_pretrained_cfg(model)
+    return cfg.hf_hub_id if cfg is not None else None
 
 
 def _template() -> str:
