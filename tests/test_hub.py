@@ -296,7 +296,8 @@ BAD_FOLDERS = {
     'corrupt_weights': (ValueError, r'model.safetensors is corrupt or truncated'),
     'truncated_weights': (ValueError, r'model.safetensors is corrupt or truncated'),
     'other_architecture': (ValueError, r"config.json describes architecture 'resnet18', which is not a smallvit model"),
-    'num_classes_config': (ValueError, r'num_classes mismatch in config.json: 5 at the top, 10 in model_args'),
+    # exports write num_classes only at the top (transformers fails on a second one in model_args): the weights disagree
+    'num_classes_config': (ValueError, r'num_classes mismatch: config.json says 5 classes, but .* has 10 outputs'),
     'num_classes_weights': (ValueError, r'num_classes mismatch: config.json says 10 classes, but .* has 5 outputs'),
     'other_variant': (ValueError, r'do not fit smallvit_tiny_patch4_28: shapes differ'),
     'no_weights': (FileNotFoundError, r'has no model.safetensors: give a folder written by `smallvit export`'),

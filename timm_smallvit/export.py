@@ -163,6 +163,7 @@ def _write_export(
         save_for_hf(model, str(folder), model_config=model_config, safe_serialization=True, data_config=data_config)
     except ValueError as e:
         raise ValueError(f'The training args of {checkpoint} do not fit the model: {e}') from e
+    _drop_model_args_num_classes(folder / CONFIG_NAME)
     _check_reload(model, folder, checkpoint)
     if rows:
         plot_learning_curve(rows, folder / CURVE_NAME, title=name)
@@ -182,6 +183,15 @@ def _write_export(
         grid_sentence=grid,
     )
     card.save(folder / CARD_NAME)
+
+
+def _drop_model_args_num_classes(path: Path) -> None:
+    # timm's save_for_hf writes num_classes at the top level and in model_args. transformers' TimmWrapper passes
+    # num_classes itself, then model_args: the duplicate fails there ("got multiple values for keyword argument
+    # 'num_classes'"). timm reads the top-level one (into pretrained_cfg, the model's default), so nothing is lost.
+    config = json.loads(path.read_text())
+    if config.get('model_args', {}).pop('num_classes', None) is not None:
+        path.write_text(json.dumps(config, indent=2))
 
 
 def _check_out_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:
