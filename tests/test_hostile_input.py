@@ -357,6 +357,69 @@ def export_run(run: Path) -> Any:
         assert not out.exists() and not list(run.parent.glob('.export.export-*'))  # nothing half-written left
 
 
+TINY_RUN = dict(
+    model='smallvit_nano_patch4_28',
+    dataset='',
+    epochs=1,
+    batch_size=2,
+    in_chans=1,
+    opt='adamw',
+    lr=1e-3,
+    warmup_epochs=0,
+    smoothing=0.0,
+    color_jitter=0.0,
+    checkpoint_hist=1,
+    experiment='x',
+)
+
+
+def train_run(root: Path) -> Any:
+    """`smallvit train` of a 1-epoch run on the image folder ``root``, into ``<root>/../runs/x``."""
+    from timm_smallvit.recipe import resolve_args
+    from timm_smallvit.trainer import train
+
+    return train(resolve_args(dict(TINY_RUN, data_dir=str(root), output=str(root.parent / 'runs'))))
+
+
+class Killed(BaseException):
+    """A kill: nothing of the process runs after it (no except clause catches a BaseException of ours)."""
+
+
+def killed_at_the_first_checkpoint(given: Given) -> tuple[Path, pytest.MonkeyPatch]:
+    return folder()(given), given.mp
+
+
+def rerun_after_a_kill(given: tuple[Path, pytest.MonkeyPatch]) -> Any:
+    """The run killed while its first checkpoint is half written, then the same command again."""
+    root, mp = given
+    real = torch.save
+
+    def half_then_killed(obj: Any, path: Any, *args: Any, **kwargs: Any) -> None:
+        buf = io.BytesIO()
+        real(obj, buf)
+        Path(path).write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+        raise Killed
+
+    mp.setattr(torch, 'save', half_then_killed)
+    with contextlib.suppress(Killed):
+        train_run(root)
+    mp.setattr(torch, 'save', real)
+    return train_run(root)
+
+
+def resumable(given: Any, result: Any) -> None:
+    run = Path(result['output_dir'])
+    assert (run / 'last.pth.tar').is_file() and not (run / 'tmp.pth.tar').exists()
+    assert [line.split(',')[0] for line in (run / 'summary.csv').read_text().splitlines()] == ['epoch', '0']
+
+
+def left_nothing(root: Path, error: Any) -> None:
+    from timm_smallvit.recipe import holds_run
+
+    run = root.parent / 'runs' / 'x'
+    assert not run.exists() or (not holds_run(run) and not (run / 'tmp.pth.tar').exists()), list(run.iterdir())
+
+
 HOSTILE_LABELS = ['two\nlines', '---', '<b>bold</b>', '<!-- hidden', 'a|b', '[x](javascript:1)', 'f', 'g', 'h', 'i']
 
 
@@ -519,6 +582,13 @@ CASES = [
          error=r'no space left on .*: \d+ MB needed .*export'),
     Case('8_export_on_a_full_disk_safetensors_error', full_disk_export(SAFETENSORS_DISK_FULL), export_run,
          error=r'no space left on .*: \d+ MB needed .*export'),
+    # 3: a kill or a full disk at the first checkpoint leaves a resumable run or nothing, and says so in one line
+    Case('3_full_disk_at_the_first_checkpoint', both(folder(), full_disk(torch, 'save', TORCH_DISK_FULL)), train_run,
+         error=r'no space left on .*: \d+ MB needed for the checkpoint', check=left_nothing),
+    Case('3_full_disk_oserror_at_the_first_checkpoint', both(folder(), full_disk(torch, 'save')), train_run,
+         error=r'no space left on .*: \d+ MB needed for the checkpoint', check=left_nothing),
+    Case('3_killed_at_the_first_checkpoint_then_run_again', killed_at_the_first_checkpoint, rerun_after_a_kill,
+         check=resumable),
     # 9: names from class folders are escaped in the card body
     Case('9_hostile_label_names', exported_run(label_names=HOSTILE_LABELS), read_card, check=labels_escaped),
     # 11: a fine-tuned export's card says where it started, and names the untagged architecture

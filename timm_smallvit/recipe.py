@@ -24,8 +24,9 @@ import torch
 import torch.distributed as dist
 import yaml
 from timm.models import safe_model_name
-from timm.utils import CheckpointSaver, load_checkpoint_metadata
+from timm.utils import CheckpointSaver, load_checkpoint_metadata, update_summary
 
+from ._files import disk_full_error, is_disk_full
 from .data import TORCH_DATASETS
 from .smallvit import SmallViT
 
@@ -43,6 +44,7 @@ __all__ = [
     'resolve_args',
     'resolve_lr',
     'run_folder',
+    'save_epoch',
     'set_epochs',
     'write_args',
 ]
@@ -468,7 +470,10 @@ def set_epochs(args: argparse.Namespace, planned: dict[str, int], epochs: int) -
 # ----------------------------------------------------------------------------------------------------------------
 # the run folder: where a recipe's run is written, and what resuming it may overwrite
 
-_RUN_FILES = ('summary.csv', '*.pth.tar')  # what makes a folder hold a run (args.yaml alone: it died before epoch 1)
+# what makes a folder hold a run: a summary or a checkpoint, not timm's tmp.pth.tar (a checkpoint being written) nor
+# args.yaml alone (it died before its first checkpoint)
+_RUN_FILES = ('summary.csv', 'last.pth.tar', 'checkpoint-*.pth.tar', 'model_best.pth.tar')
+_FIRST_SUMMARY = '.summary.csv.first'  # the first epoch's row, until the first checkpoint is in place
 
 
 def holds_run(folder: Path) -> bool:
@@ -523,6 +528,55 @@ def continue_in_place(out: Path, saver: CheckpointSaver, resume: Path, start_epo
             _logger.info(f'summary.csv: dropping {len(rows) - len(kept)} row(s) of epochs that are run again')
             with summary.open('w', newline='') as f:
                 csv.writer(f).writerows(kept)
+
+
+def save_epoch(
+    saver: CheckpointSaver,
+    out: Path,
+    epoch: int,
+    train_metrics: dict[str, Any],
+    eval_metrics: dict[str, Any],
+    lr: float,
+    metric: float | None,
+) -> tuple[Any, Any]:
+    """The epoch's summary row and checkpoint (timm's update_summary and save_checkpoint); returns the best so far.
+
+    The first checkpoint makes the folder a run: until it is in place the first row waits under another name, so a
+    kill or a full disk there leaves either a resumable run or nothing (args.yaml alone, which the same command
+    replaces). A full disk is a one-line error with the megabytes needed.
+    """
+    first = not (out / 'last.pth.tar').is_file()
+    summary = out / (_FIRST_SUMMARY if first else 'summary.csv')
+    if first:
+        summary.unlink(missing_ok=True)  # the row of a run killed before its first checkpoint
+    update_summary(epoch, train_metrics, eval_metrics, str(summary), lr=lr)  # the header when the file is new
+    try:
+        best = saver.save_checkpoint(epoch, metric=metric)
+    except (OSError, RuntimeError) as e:
+        (out / 'tmp.pth.tar').unlink(missing_ok=True)  # timm's half-written checkpoint: the disk space it took
+        if first:  # nothing left of the run but its folder, which the same command takes again
+            summary.unlink(missing_ok=True)
+            (out / 'args.yaml').unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                out.rmdir()
+        if is_disk_full(e):
+            raise disk_full_error(out / 'last.pth.tar', _state_bytes(saver), 'the checkpoint') from None
+        raise
+    if first:
+        os.replace(summary, out / 'summary.csv')
+    return best
+
+
+def _state_bytes(saver: CheckpointSaver) -> int:
+    # what a checkpoint holds: the weights, the optimizer's state and the EMA weights
+    tensors = list(saver.model.state_dict().values())
+    optimizer = getattr(saver, 'optimizer', None)
+    if optimizer is not None:
+        tensors += [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+    ema = getattr(saver, 'model_ema', None)
+    if ema is not None:
+        tensors += list(ema.state_dict().values())
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _epoch_of(path: Path) -> int:

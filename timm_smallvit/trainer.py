@@ -38,7 +38,6 @@ from timm.utils import (
     NativeScaler,
     init_distributed_device,
     is_primary,
-    update_summary,
 )
 from tqdm import tqdm
 
@@ -53,6 +52,7 @@ from .recipe import (
     holds_run,
     resolve_lr,
     run_folder,
+    save_epoch,
     set_epochs,
     write_args,
 )
@@ -146,10 +146,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             metric = eval_metrics[args.eval_metric]
             if saver is not None and output_dir is not None:
                 # timm writes the header when the file is new, so a resumed run appends to its own log
-                update_summary(
-                    epoch, train_metrics, eval_metrics, str(output_dir / 'summary.csv'), lr=sum(lrs) / len(lrs)
+                best_metric, best_epoch = save_epoch(
+                    saver, output_dir, epoch, train_metrics, eval_metrics, lr=sum(lrs) / len(lrs), metric=metric
                 )
-                best_metric, best_epoch = saver.save_checkpoint(epoch, metric=metric)
         if primary:
             _log_epoch(args, epoch, num_epochs, train_metrics, eval_metrics if evaluated else None, train_time, seen)
         if evaluated:
