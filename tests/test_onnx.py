@@ -293,3 +293,25 @@ def test_smallvit_onnx_bad_input_is_one_line_and_writes_nothing(tmp_path, capsys
         assert code == 1 and out == '' and len(err.strip().splitlines()) == 1, (argv, err)
         assert err.startswith(f'smallvit {argv[0]}: error: '), err
     assert sorted(p.name for p in tmp_path.iterdir()) == before and existing.read_bytes() == b'keep me'
+
+
+def test_export_onnx_writes_model_onnx_that_push_publishes(tmp_path, monkeypatch, capsys):
+    from tests.hub_server import HubServer, make_training_run, use_hub
+
+    run = make_training_run(tmp_path / 'run', model_ema=False)
+    out = tmp_path / 'export'
+    code, _, err = _cli(capsys, 'export', run / 'last.pth.tar', out, '--onnx')
+    assert code == 0, err
+    assert (out / 'model.onnx').is_file() and not [p for p in out.iterdir() if p.name.startswith('.')]
+    card = (out / 'README.md').read_text()
+    assert 'smallvit predict model.onnx' in card and '- `model.onnx`' in card
+    model = load_model(f'local-dir:{out}')
+    x = torch.randn(3, *model.pretrained_cfg['input_size'])
+    with torch.inference_mode():
+        _assert_matches(_ort_logits(out / 'model.onnx', x), model(x))
+    token = 'hf_alice_0123456789abcdefghijklmnopqrstuv'
+    with HubServer(tokens={token: 'alice'}) as hub:
+        use_hub(monkeypatch, hub, tmp_path / 'home', token=token)
+        code, _, err = _cli(capsys, 'push', out, '--repo-id', 'alice/exported')
+        assert code == 0, err
+        assert hub.file('alice/exported', 'model.onnx') == (out / 'model.onnx').read_bytes()

@@ -80,6 +80,7 @@ def render_model_card(
     curve_file: str | None = None,
     grid_file: str | None = None,
     grid_sentence: str | None = None,
+    onnx_file: str | None = None,
 ) -> ModelCard:
     """The model card of an exported model.
 
@@ -96,6 +97,7 @@ def render_model_card(
         curve_file: The learning curve's file in the export, if any.
         grid_file: The prediction grid's file in the export, if any.
         grid_sentence: What the prediction grid shows.
+        onnx_file: The ONNX file in the export, if any (``smallvit export --onnx``).
     """
     name = split_model_name_tag(name)[0]  # a fine-tuned run of 'x.fmnist' is an x; base_model says where it started
     hub_dataset, known_name, _ = dataset_info(args.get('dataset'))
@@ -148,6 +150,8 @@ def render_model_card(
         history=[_fmt_row(r) for r in rows],
         timm_version=timm.__version__,
     )
+    if onnx_file:  # only then: the saved context of a card without one stays as it always was
+        context['onnx_file'] = onnx_file
     return _render_card(card_data, context, model_ref)
 
 

@@ -113,6 +113,12 @@ def _run(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
+    write_onnx = None
+    if args.onnx:
+        from .onnx_export import export_onnx
+
+        write_onnx = export_onnx
+
     out = export_checkpoint(
         args.checkpoint,
         args.out_dir,
@@ -122,6 +128,7 @@ def _export(args: argparse.Namespace) -> int:
         overwrite=args.overwrite,
         repo_id=args.repo_id,
         summary=args.summary,
+        write_onnx=write_onnx,
     )
     print(f'Exported to {out}')
     return 0
@@ -220,6 +227,7 @@ def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
     export.add_argument('--overwrite', action='store_true', help='replace a non-empty OUT_DIR')
     export.add_argument('--repo-id', help='Hub repo the usage snippet names (push sets it anyway)')
     export.add_argument('--summary', help="the run's summary.csv (default: beside the checkpoint)")
+    export.add_argument('--onnx', action='store_true', help='also write model.onnx (checked with onnxruntime)')
     export.set_defaults(func=_export)
 
     push = sub.add_parser(

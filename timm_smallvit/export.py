@@ -18,7 +18,7 @@ import shutil
 import tempfile
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ __all__ = [
     'CURVE_NAME',
     'EXPORT_FILES',
     'GRID_NAME',
+    'ONNX_NAME',
     'WEIGHTS_NAME',
     'export_checkpoint',
 ]
@@ -60,7 +61,8 @@ CARD_NAME = 'README.md'
 CURVE_NAME = 'learning_curve.png'
 GRID_NAME = 'predictions.png'
 # everything export writes, and everything push uploads
-EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, CURVE_NAME, GRID_NAME)
+ONNX_NAME = 'model.onnx'  # with --onnx
+EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, CURVE_NAME, GRID_NAME, ONNX_NAME)
 # an export in progress (or killed) lives in .<out name>.export-<pid>-<random> beside the out folder
 _TMP_NAME = re.compile(r'\..+\.export-(?:(?P<pid>\d+)-[a-z0-9_]{8}|[a-z0-9_]{8})')
 _STALE_AFTER_S = 15 * 60  # a temp folder without a pid (older versions) is left alone for this long
@@ -76,6 +78,7 @@ def export_checkpoint(
     overwrite: bool = False,
     repo_id: str | None = None,
     summary: str | os.PathLike | None = None,
+    write_onnx: Callable[[SmallViT, Path], Any] | None = None,
 ) -> Path:
     """Write a folder that timm loads (and the Hub shows) from a smallvit training checkpoint.
 
@@ -96,6 +99,8 @@ def export_checkpoint(
         overwrite: Replace a non-empty out_dir.
         repo_id: Hub repo the card's usage snippet names; default: the local folder (push_to_hub sets the repo).
         summary: The run's summary.csv; default: summary.csv beside the checkpoint, if any.
+        write_onnx: ``write_onnx(model, path)`` writes the model as ONNX_NAME into the folder before it moves into
+            place (``smallvit export --onnx`` passes ``onnx_export.export_onnx``, which sits above this module).
 
     Returns:
         The written folder.
@@ -127,6 +132,7 @@ def export_checkpoint(
             rows,
             model_ref=f'hf-hub:{repo_id}' if repo_id else f'local-dir:{out}',
             model_name=repo_id.split('/')[-1] if repo_id else name,
+            write_onnx=write_onnx,
         )
         # mkdtemp and safetensors create private files; an export is an ordinary, shareable folder
         os.chmod(tmp, 0o755)
@@ -153,6 +159,7 @@ def _write_export(
     *,
     model_ref: str,
     model_name: str,
+    write_onnx: Callable[[SmallViT, Path], Any] | None = None,
 ) -> None:
     """The export's files in folder: weights and config (checked by loading them back), figures, then the card."""
     args = info['args']
@@ -168,6 +175,8 @@ def _write_export(
     if rows:
         plot_learning_curve(rows, folder / CURVE_NAME, title=name)
     grid = _prediction_grid(model, args, labels, folder / GRID_NAME, title=name)
+    if write_onnx is not None:
+        write_onnx(model, folder / ONNX_NAME)
     card = render_model_card(
         model,
         name,
@@ -181,6 +190,7 @@ def _write_export(
         curve_file=CURVE_NAME if rows else None,
         grid_file=GRID_NAME if grid else None,
         grid_sentence=grid,
+        onnx_file=ONNX_NAME if write_onnx is not None else None,
     )
     card.save(folder / CARD_NAME)
 
