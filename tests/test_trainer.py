@@ -354,7 +354,7 @@ def test_unknown_recipe_keys_are_refused_by_name(fmnist_src):
     for bad in (-1, 2.5, 'late', True):
         with pytest.raises(ValueError, match='crop_off_epoch'):
             resolve_args(dict(QUICK, data_dir=str(fmnist_src), crop_off_epoch=bad))
-    for bad in (1, 'yes', None):
+    for bad in (2, 'maybe', None):  # issue 31: true/false, yes/no, 1/0 are booleans for every boolean key
         with pytest.raises(ValueError, match='eval_hflip'):
             resolve_args(dict(QUICK, data_dir=str(fmnist_src), eval_hflip=bad))
     for bad in (-1, '30', True, float('inf'), None):
