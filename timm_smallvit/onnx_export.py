@@ -15,12 +15,13 @@ with only the ``.onnx`` file preprocesses and labels as ``smallvit predict`` doe
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,6 +69,24 @@ LOGITS_RTOL = 1e-4
 INT8_TOLERANCE = 0.1
 CHECK_BATCH = 3  # the check batch differs from the traced one (2): the batch axis is seen to be dynamic
 METADATA_KEYS = ('architecture', 'label_names', 'input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+
+
+# the exporter's and quantizer's notes (each rewrite, folded constant, tensor left in float: ~160 lines at INFO), of
+# no use to the user; onnxruntime's quantizer logs through the root logger
+_NOISY_LOGGERS = ('onnxscript', 'onnx_ir', 'torch.onnx', 'torch.export', 'torch._dynamo', 'torch.fx', '')
+
+
+@contextlib.contextmanager
+def _quiet_exporters() -> Iterator[None]:
+    loggers = [logging.getLogger(name) for name in _NOISY_LOGGERS]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(max(lg.getEffectiveLevel(), logging.WARNING))
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
 
 
 def onnx_metadata(model: torch.nn.Module) -> dict[str, str]:
@@ -149,7 +168,7 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        with tempfile.TemporaryDirectory(prefix='smallvit-onnx-') as work:
+        with _quiet_exporters(), tempfile.TemporaryDirectory(prefix='smallvit-onnx-') as work:
             staged = Path(work) / 'model.onnx'
             _export_float(model, staged, input_size)
             _set_metadata(staged, onnx_metadata(model))
