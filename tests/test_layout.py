@@ -34,7 +34,7 @@ def _private_names_taken(path: Path) -> list[str]:
             for alias in node.names:
                 if alias.name.startswith('_') and not alias.name.startswith('__'):
                     found.append(f'{path.name}:{node.lineno} imports {alias.name} from {node.module or "."}')
-                elif node.module in (None, 'timm_smallvit') or node.level > 0 and not node.module:
+                elif node.module in (None, 'timm_smallvit') or (node.level > 0 and not node.module):
                     own_modules.add(alias.asname or alias.name)
         elif isinstance(node, ast.Import):
             for alias in node.names:
@@ -99,9 +99,7 @@ def test_doc_links_lead_somewhere(page):
             continue  # the web: not reachable from here
         target, _, anchor = link.partition('#')
         path = (page.parent / target).resolve() if target else page
-        if not path.exists():
-            broken.append(link)
-        elif anchor and path.suffix == '.md' and anchor not in _anchors(path):
+        if not path.exists() or (anchor and path.suffix == '.md' and anchor not in _anchors(path)):
             broken.append(link)
     assert broken == []
 

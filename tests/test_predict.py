@@ -12,9 +12,9 @@ from timm.data import create_transform, resolve_model_data_config
 from torchvision.datasets import FashionMNIST
 
 from timm_smallvit import export_checkpoint, smallvit
+from timm_smallvit.attention import attention_maps, attention_rollout
 from timm_smallvit.cli import main
 from timm_smallvit.data import FASHION_MNIST_CLASSES, prepare_fashion_mnist
-from timm_smallvit.attention import attention_maps, attention_rollout
 from timm_smallvit.predict import find_images, load_model
 
 from .test_model_oracles import _randomize_
