@@ -97,7 +97,7 @@ def test_export_writes_safetensors_and_timm_config(run, exported):
     assert config['architecture'] == MODEL
     assert (config['num_classes'], config['num_features'], config['global_pool']) == (10, 64, 'token')
     # num_classes only at the top level (timm reads it there): transformers' TimmWrapper fails on a second one
-    assert config['model_args'] == {'in_chans': 1, 'global_pool': 'token', 'img_size': [28, 28]}
+    assert config['model_args'] == {'in_chans': 1, 'global_pool': 'token', 'img_size': [28, 28], 'gray_from_rgb': True}
     assert config['num_classes'] == 10
     assert config['label_names'] == list(FASHION_MNIST_CLASSES)
     cfg = config['pretrained_cfg']

@@ -14,6 +14,8 @@ import pytest
 import timm
 import torch
 from PIL import Image
+from timm.utils import AttentionExtract
+from torchvision.models.feature_extraction import create_feature_extractor
 
 from tests.hub_server import HubServer, use_hub
 from timm_smallvit import smallvit
@@ -49,7 +51,7 @@ def test_auto_model_loads_the_shipped_export_folders(name):
     _check_auto_model(str(smallvit.PRETRAINED_DIR / name), name)
 
 
-def test_auto_model_loads_from_the_hub(tmp_path, monkeypatch):
+def test_auto_model_and_pipeline_load_from_the_hub(fmnist_src, tmp_path, monkeypatch):
     name = 'smallvit_nano_patch4_28.fmnist'
     folder = tmp_path / 'export'
     shutil.copytree(smallvit.PRETRAINED_DIR / name, folder)
@@ -59,6 +61,45 @@ def test_auto_model_loads_from_the_hub(tmp_path, monkeypatch):
         _check_auto_model(f'alice/{name}', name)
         classify = transformers.pipeline('image-classification', model=f'alice/{name}')
         assert classify.model.config.id2label[0] == FASHION_MNIST_CLASSES[0]
+        paths = _user_images(fmnist_src, tmp_path, 2)  # one 'L' file, one tinted RGB file
+        expected = predict(load_model(name), paths, top_k=1)
+        for path, record in zip(paths, expected, strict=True):
+            with Image.open(path) as img:
+                assert classify(img, top_k=1)[0]['label'] == record['predictions'][0]['label']
+
+
+def test_gray_from_rgb_gives_a_grayscale_model_the_luma_of_rgb_images():
+    model = timm.create_model('smallvit_nano_patch4_28', gray_from_rgb=True).eval()
+    rgb = torch.rand(2, 3, 28, 28)
+    # PIL's convert('L') weights: what smallvit predict applies to an RGB file for a grayscale model
+    luma = (rgb * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    with torch.inference_mode():
+        torch.testing.assert_close(model(rgb), model(luma))
+    plain = timm.create_model('smallvit_nano_patch4_28').eval()
+    plain.load_state_dict(model.state_dict())  # the option adds no weights
+    with torch.inference_mode():
+        assert torch.equal(plain(luma), model(luma))
+    with pytest.raises(ValueError, match='in_chans is 3'):
+        timm.create_model('smallvit_nano_patch4_28', in_chans=3, gray_from_rgb=True)
+
+
+def test_gray_from_rgb_models_trace_for_feature_and_attention_extraction_and_script():
+    # exports of grayscale models carry the option: predict's attention pictures trace them with fx, and users
+    # script them as they script any timm model
+    model = timm.create_model('smallvit_nano_patch4_28', gray_from_rgb=True).eval()
+    plain = timm.create_model('smallvit_nano_patch4_28').eval()
+    plain.load_state_dict(model.state_dict())
+    rgb = torch.rand(2, 3, 28, 28)
+    luma = (rgb * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    with torch.inference_mode():
+        features = create_feature_extractor(model, ['blocks.0'])(rgb)['blocks.0']
+        torch.testing.assert_close(features, create_feature_extractor(plain, ['blocks.0'])(luma)['blocks.0'])
+        with smallvit.explicit_attention(model), smallvit.explicit_attention(plain):
+            maps = AttentionExtract(model, method='fx')(rgb)
+            torch.testing.assert_close(maps, AttentionExtract(plain, method='fx')(luma))
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore', FutureWarning)  # torch.jit.script is deprecated, still what timm tests
+            torch.testing.assert_close(torch.jit.script(model)(rgb), plain(luma))
 
 
 def _user_images(fmnist_src: Path, folder: Path, n: int) -> list[Path]:
@@ -75,12 +116,6 @@ def _user_images(fmnist_src: Path, folder: Path, n: int) -> list[Path]:
     return paths
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason='the pipeline hands every image to the model as RGB; a grayscale smallvit needs a model option that '
-    'converts RGB to luma (docs/deploy.md#transformers)',
-)
 @pytest.mark.parametrize('name', SHIPPED)
 def test_pipeline_classifies_users_images_as_smallvit_predict(name, fmnist_src, tmp_path):
     paths = _user_images(fmnist_src, tmp_path, 8)

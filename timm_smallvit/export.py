@@ -200,8 +200,11 @@ def _drop_model_args_num_classes(path: Path) -> None:
     # num_classes itself, then model_args: the duplicate fails there ("got multiple values for keyword argument
     # 'num_classes'"). timm reads the top-level one (into pretrained_cfg, the model's default), so nothing is lost.
     config = json.loads(path.read_text())
-    if config.get('model_args', {}).pop('num_classes', None) is not None:
-        path.write_text(json.dumps(config, indent=2))
+    config.get('model_args', {}).pop('num_classes', None)
+    if config['pretrained_cfg']['input_size'][0] == 1:
+        # transformers' pipeline hands every image over as RGB: the model turns it into luma, as predict does
+        config['model_args']['gray_from_rgb'] = True
+    path.write_text(json.dumps(config, indent=2))
 
 
 def _check_out_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:

@@ -85,6 +85,24 @@ def check_input(x: torch.Tensor, in_chans: int, img_size: tuple[int, int] | None
         )
 
 
+@torch.fx.wrap  # a leaf for any fx tracer: the channel test runs on real shapes, not proxies
+@register_notrace_function
+def luma_if_rgb(x: torch.Tensor) -> torch.Tensor:
+    """A 3-channel batch becomes 1-channel luma; anything else passes unchanged.
+
+    ITU-R 601-2 luma, as PIL's ``Image.convert('L')``, which smallvit predict applies to RGB files for grayscale
+    models. The weights sum to 1, so a per-image normalization with one mean and std for every channel commutes with it.
+    """
+    if x.dim() == 4 and x.shape[1] == 3:
+        x = 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]  # literals: TorchScript reads no globals
+    return x
+
+
+def gray_from_rgb(module: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+    """A forward pre-hook for a grayscale model's patch embedding: :func:`luma_if_rgb` on its input."""
+    return (luma_if_rgb(args[0]),)
+
+
 class PatchEmbed(TimmPatchEmbed):
     """timm's PatchEmbed, checking its input with :func:`check_input` first.
 

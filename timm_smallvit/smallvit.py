@@ -46,6 +46,7 @@ from torch.jit import Final
 from torchvision.datasets import FashionMNIST
 
 from .layers import Attention, Block, ConvStem, Dropout, Mlp, PatchEmbed, resolve_global_pool
+from .layers import gray_from_rgb as gray_from_rgb_hook
 
 __all__ = [
     'SmallViT',
@@ -99,6 +100,7 @@ class SmallViT(VisionTransformer):
         drop_path_rate: float = 0.0,
         fused_attn: bool | None = None,
         trim_last_block: bool = True,
+        gray_from_rgb: bool = False,
         weight_init: str = '',
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
@@ -184,6 +186,11 @@ class SmallViT(VisionTransformer):
         self.pos_drop = Dropout(pos_drop_rate)
         self.head_drop = Dropout(drop_rate)
         self.trim_last_block = trim_last_block
+        if gray_from_rgb:
+            if in_chans != 1:
+                raise ValueError(f'gray_from_rgb converts RGB for a grayscale model: in_chans is {in_chans}, not 1.')
+            # before the patch embedding's own input check (prepend): for callers that hand over every image as RGB
+            self.patch_embed.register_forward_pre_hook(gray_from_rgb_hook, prepend=True)
         if fused_attn is not None:
             self.set_fused_attn(fused_attn)
 
