@@ -472,3 +472,14 @@ def test_card_says_which_images_were_evaluated(tmp_path):
     assert 'on the first 512 images of the test split, epoch 0:' in text
     assert 'trained on the first 1,024 images of the training split' in text
     assert '| evaluation images (first N) | 512 |' in card.text and '| training images (first N) | 1024 |' in card.text
+
+
+def test_card_of_a_run_evaluated_on_a_holdout_says_so_and_claims_no_test_split(tmp_path):
+    run = make_training_run(tmp_path / 'run', epochs=1, model_ema=False, val_holdout=5000)
+    out = export.export_checkpoint(run / 'last.pth.tar', tmp_path / 'out')
+    card = ModelCard.load(out / 'README.md')
+    assert {r.dataset_split for r in card.data.eval_results} == {'train'}
+    text = ' '.join(card.text.split())
+    assert 'evaluated on 5,000 images held out from the training split (val_holdout 5000' in text
+    assert 'test split,' not in text.replace('not on the test split,', '')
+    assert '| evaluation images held out from training | 5000 |' in card.text

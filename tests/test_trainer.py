@@ -6,6 +6,7 @@ import importlib.util
 import logging
 import math
 import os
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,13 +16,14 @@ import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 from timm.data.random_erasing import RandomErasing
+from torchvision.datasets import FashionMNIST
 
 import timm_smallvit
 from timm_smallvit import amp as amp_module
 from timm_smallvit import recipe as recipe_module
 from timm_smallvit import trainer as trainer_module
 from timm_smallvit.augment import BatchAugment
-from timm_smallvit.data import load_fashion_mnist
+from timm_smallvit.data import load_fashion_mnist, prepare_fashion_mnist
 from timm_smallvit.loader import BatchLoader
 from timm_smallvit.recipe import QUICK_TRAINER_KEYS, TRAIN_PY_DEFAULTS, load_recipe, resolve_args
 from timm_smallvit.trainer import NonFiniteLossError, train
@@ -101,6 +103,70 @@ def test_resume_repeats_the_uninterrupted_run(tmp_path, fmnist_src):
     full_state = full['model'].state_dict()
     for k, v in resumed['model'].state_dict().items():
         torch.testing.assert_close(v, full_state[k], rtol=1e-5, atol=1e-6)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _batched_images(tmp_path: Path, fmnist_src: Path, monkeypatch, **overrides):
+    """What a run would batch for training and for evaluation (nothing is trained), and the splits it decoded."""
+    made, read = [], []
+    real_load = trainer_module.SmallImageDataset.load
+
+    def load(self, which, **kwargs):
+        read.append(which)
+        return real_load(self, which, **kwargs)
+
+    def loader(images, labels, *args, **kwargs):
+        made.append((images, labels))
+        if len(made) == 2:
+            raise _Stop
+        return BatchLoader(images, labels, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module.SmallImageDataset, 'load', load)
+    monkeypatch.setattr(trainer_module, 'BatchLoader', loader)
+    with pytest.raises(_Stop):
+        _run(tmp_path, fmnist_src, f'holdout-{len(list(tmp_path.iterdir()))}', **overrides)
+    return made, read
+
+
+def test_val_holdout_evaluates_on_training_images_never_trained_on_and_never_reads_the_test_split(
+    tmp_path, fmnist_src, monkeypatch
+):
+    release = FashionMNIST(prepare_fashion_mnist(fmnist_src), train=True)  # the oracle: torchvision's reader
+    labels_of: dict[bytes, set[int]] = {}
+    for image, label in zip(release.data, release.targets.tolist(), strict=True):
+        labels_of.setdefault(image.numpy().tobytes(), set()).add(label)
+
+    def keys(images: torch.Tensor) -> Counter:
+        return Counter(image.numpy().tobytes() for image in images.reshape(len(images), -1))
+
+    made, read = _batched_images(
+        tmp_path, fmnist_src, monkeypatch, val_holdout=5000, train_num_samples=None, val_num_samples=None
+    )
+    (train_x, train_y), (eval_x, eval_y) = made
+    assert read == ['train']  # the test split is not even decoded
+    assert (len(train_x), len(eval_x)) == (55_000, 5000)
+    # together they are the release's training images, each once: the held-out ones are not trained on
+    assert keys(train_x) + keys(eval_x) == keys(release.data)
+    for images, labels in ((train_x, train_y), (eval_x, eval_y)):  # each image keeps its own label
+        flat = images.reshape(len(images), -1)
+        assert all(int(y) in labels_of[x.numpy().tobytes()] for x, y in zip(flat, labels, strict=True))
+    assert min(Counter(eval_y.tolist()).values()) > 400  # a random draw: every class its share of the 5,000
+
+    # the same held-out images for another seed; train_num_samples counts the rest
+    made, _ = _batched_images(
+        tmp_path, fmnist_src, monkeypatch, val_holdout=5000, seed=7, train_num_samples=1024, val_num_samples=None
+    )
+    assert torch.equal(made[1][0], eval_x) and torch.equal(made[0][0], train_x[:1024])
+
+
+def test_val_holdout_that_leaves_nothing_to_train_on_is_a_one_line_error(tmp_path, fmnist_src):
+    with pytest.raises(ValueError, match=r'val_holdout 60000: .* 60,000 training images, so nothing would be left'):
+        _run(tmp_path, fmnist_src, 'all-held-out', val_holdout=60000)
+    with pytest.raises(ValueError, match=r'val_holdout -1: expected a whole number of at least 0'):
+        _run(tmp_path, fmnist_src, 'negative', val_holdout=-1)
 
 
 def test_val_interval_evaluates_every_nth_epoch_and_the_last_and_trains_the_same(tmp_path, fmnist_src):

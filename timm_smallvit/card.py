@@ -61,6 +61,7 @@ _RECIPE_KEYS = (
     ('seed', 'seed'),
     ('train_num_samples', 'training images (first N)'),
     ('val_num_samples', 'evaluation images (first N)'),
+    ('val_holdout', 'evaluation images held out from training'),
 )
 # the card's last line keeps what the template rendered it from (but model_ref), so that push can render it again
 _CARD_CONTEXT = '<!-- timm-smallvit card: '
@@ -104,9 +105,20 @@ def render_model_card(
     dataset_name = known_name or args.get('dataset') or _folder_name(args)
     split = 'test' if hub_dataset else str(args.get('val_split') or 'validation')
     val_samples, train_samples = _num_samples(args, 'val_num_samples'), _num_samples(args, 'train_num_samples')
+    holdout = _num_samples(args, 'val_holdout')
+    if holdout:
+        split = 'train'  # the Hub's split syntax has no name for a random subset: the note below says which
     # the Hub's split syntax: the model-index names the images that were evaluated, not the whole split
     evaluated = f'the first {val_samples:,} images of the {split} split' if val_samples else f'the {split} split'
+    if holdout:
+        evaluated = f'{holdout:,} images held out from the training split'
     final, notes = _final_result(rows, args, info, evaluated)
+    if holdout:
+        notes.append(
+            f'The run was evaluated on {evaluated} (val_holdout {holdout}: a fixed random draw, not trained on), '
+            'not on the test split, so every eval number here (and the model-index, split `train`) is measured on '
+            'those images.'
+        )
     if val_samples:
         notes.append(
             f'The run was evaluated on {evaluated} only (val_num_samples {val_samples}), so every eval number here '

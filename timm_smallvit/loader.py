@@ -1,4 +1,5 @@
-"""Batches of an in-memory uint8 dataset for the quick trainer: one shard per process, normalised, augmented.
+"""Batches of an in-memory uint8 dataset for the quick trainer: one shard per process, normalised, augmented; a
+validation holdout carved from the training images.
 
 For 28-32 px images, per-image PIL transforms and worker processes cost more than the model; here the uint8 images
 stay in one tensor and each batch is cropped, flipped and jittered as a whole (:class:`~timm_smallvit.augment.
@@ -14,7 +15,7 @@ from timm.data.random_erasing import RandomErasing
 
 from .augment import BatchAugment
 
-__all__ = ['BatchLoader']
+__all__ = ['BatchLoader', 'hold_out']
 
 
 class BatchLoader:
@@ -108,3 +109,21 @@ class BatchLoader:
             if self.erase is not None:
                 x = self.erase(x)
             yield x.contiguous(memory_format=self.memory_format), self.labels[idx]
+
+
+def hold_out(
+    images: torch.Tensor, labels: torch.Tensor, n: int, name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``n`` training images held out for evaluation: (train x, train y, eval x, eval y).
+
+    Drawn at random with a fixed generator, not the run's seed: the held-out set stays the same across seeds and
+    runs, so their scores compare, and image folders (read class by class) give every class its share.
+    """
+    if n >= len(images):
+        raise ValueError(
+            f'val_holdout {n}: {name} has {len(images):,} training images, so nothing would be left to train on. '
+            f'Hold out fewer (for example {len(images) // 12:,}), or set 0 to evaluate on the validation split.'
+        )
+    held = torch.zeros(len(images), dtype=torch.bool)
+    held[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))[:n]] = True
+    return images[~held], labels[~held], images[held], labels[held]

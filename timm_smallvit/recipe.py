@@ -174,6 +174,10 @@ QUICK_TRAINER_KEYS: dict[str, Any] = {
     # (never above the recipe's: on a fast machine or a GPU they stand), scaling crop_off_epoch and mixup_off_epoch
     # with them. 0: no budget.
     'budget_minutes': 0,
+    # Hold out N images of the training split (a fixed random draw, the same for every seed) as the evaluation set:
+    # the run trains on the rest and never reads the validation split, so a recipe can be chosen without looking at
+    # the test images. 0: evaluate on the validation split.
+    'val_holdout': 0,
 }
 # What train.py does instead when a recipe sets one of them (its --config takes them silently): for the warning of
 # `smallvit train-py`.
@@ -181,6 +185,7 @@ TRAIN_PY_WITHOUT: dict[str, str] = {
     'crop_off_epoch': 'it crops to the last epoch',
     'eval_hflip': 'it evaluates one view of each image',
     'budget_minutes': "it trains the recipe's epochs, however long they take",
+    'val_holdout': 'it trains on every training image and evaluates on the validation split',
 }
 
 # What timm's init_distributed_device adds to the args (and so to args.yaml), and the dataset's class names (for
@@ -333,6 +338,7 @@ _COUNT_KEYS = (
     ('validation_batch_size', 1, True),
     ('train_num_samples', 1, True),
     ('val_num_samples', 1, True),
+    ('val_holdout', 0, False),
     ('num_classes', 1, True),
     ('log_interval', 1, False),
     ('val_interval', 1, False),

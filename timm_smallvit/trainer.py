@@ -44,7 +44,7 @@ from tqdm import tqdm
 from .amp import AutocastFactory, autocast_context
 from .augment import BatchAugment
 from .data import SmallImageDataset
-from .loader import BatchLoader
+from .loader import BatchLoader, hold_out
 from .recipe import (
     check_resume,
     continue_in_place,
@@ -348,9 +348,13 @@ def _create_loaders(
         interpolation=data_config['interpolation'],
         progress=is_primary(args),
     )
-    train_split, eval_split = data.load('train', **decode), data.load('val', **decode)
+    train_split = data.load('train', **decode)
     train_x, train_y = train_split.images, train_split.labels
-    eval_x, eval_y = eval_split.images, eval_split.labels
+    if args.val_holdout:
+        train_x, train_y, eval_x, eval_y = hold_out(train_x, train_y, args.val_holdout, data.name)
+    else:  # the validation split is not even read with a holdout: nothing of it can inform the run
+        eval_split = data.load('val', **decode)
+        eval_x, eval_y = eval_split.images, eval_split.labels
     args.label_names = list(train_split.classes)  # export writes them as config.json label_names
     if resumed_args.get('label_names') not in (None, args.label_names):
         raise ValueError(
