@@ -68,11 +68,15 @@ def test_auto_model_and_pipeline_load_from_the_hub(fmnist_src, tmp_path, monkeyp
                 assert classify(img, top_k=1)[0]['label'] == record['predictions'][0]['label']
 
 
+def _luma(rgb: torch.Tensor) -> torch.Tensor:
+    # PIL's convert('L') weights: what smallvit predict applies to an RGB file for a grayscale model
+    return (rgb * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+
+
 def test_gray_from_rgb_gives_a_grayscale_model_the_luma_of_rgb_images():
     model = timm.create_model('smallvit_nano_patch4_28', gray_from_rgb=True).eval()
     rgb = torch.rand(2, 3, 28, 28)
-    # PIL's convert('L') weights: what smallvit predict applies to an RGB file for a grayscale model
-    luma = (rgb * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    luma = _luma(rgb)
     with torch.inference_mode():
         torch.testing.assert_close(model(rgb), model(luma))
     plain = timm.create_model('smallvit_nano_patch4_28').eval()
@@ -90,7 +94,7 @@ def test_gray_from_rgb_models_trace_for_feature_and_attention_extraction_and_scr
     plain = timm.create_model('smallvit_nano_patch4_28').eval()
     plain.load_state_dict(model.state_dict())
     rgb = torch.rand(2, 3, 28, 28)
-    luma = (rgb * torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)).sum(1, keepdim=True)
+    luma = _luma(rgb)
     with torch.inference_mode():
         features = create_feature_extractor(model, ['blocks.0'])(rgb)['blocks.0']
         torch.testing.assert_close(features, create_feature_extractor(plain, ['blocks.0'])(luma)['blocks.0'])

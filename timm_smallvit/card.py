@@ -106,11 +106,10 @@ def render_model_card(
     split = 'test' if hub_dataset else str(args.get('val_split') or 'validation')
     val_samples, train_samples = _num_samples(args, 'val_num_samples'), _num_samples(args, 'train_num_samples')
     holdout = _num_samples(args, 'val_holdout')
-    if holdout:
-        split = 'train'  # the Hub's split syntax has no name for a random subset: the note below says which
     # the Hub's split syntax: the model-index names the images that were evaluated, not the whole split
     evaluated = f'the first {val_samples:,} images of the {split} split' if val_samples else f'the {split} split'
     if holdout:
+        split = 'train'  # the Hub's split syntax has no name for a random subset: the note below says which
         evaluated = f'{holdout:,} images held out from the training split'
     final, notes = _final_result(rows, args, info, evaluated)
     if holdout:

@@ -166,8 +166,17 @@ def _write_export(
     labels = labels_from_args(args, model.num_classes)
     model_config: dict[str, Any] = {'label_names': list(labels)} if labels else {}
     data_config = data_config_from_args(args)
+    # transformers' pipeline hands every image over as RGB: a grayscale model turns it into luma, as predict does
+    model_args = {'gray_from_rgb': True} if model.in_chans == 1 else None
     try:
-        save_for_hf(model, str(folder), model_config=model_config, safe_serialization=True, data_config=data_config)
+        save_for_hf(
+            model,
+            str(folder),
+            model_config=model_config,
+            model_args=model_args,
+            safe_serialization=True,
+            data_config=data_config,
+        )
     except ValueError as e:
         raise ValueError(f'The training args of {checkpoint} do not fit the model: {e}') from e
     _drop_model_args_num_classes(folder / CONFIG_NAME)
@@ -200,11 +209,8 @@ def _drop_model_args_num_classes(path: Path) -> None:
     # num_classes itself, then model_args: the duplicate fails there ("got multiple values for keyword argument
     # 'num_classes'"). timm reads the top-level one (into pretrained_cfg, the model's default), so nothing is lost.
     config = json.loads(path.read_text())
-    config.get('model_args', {}).pop('num_classes', None)
-    if config['pretrained_cfg']['input_size'][0] == 1:
-        # transformers' pipeline hands every image over as RGB: the model turns it into luma, as predict does
-        config['model_args']['gray_from_rgb'] = True
-    path.write_text(json.dumps(config, indent=2))
+    if config.get('model_args', {}).pop('num_classes', None) is not None:
+        path.write_text(json.dumps(config, indent=2))
 
 
 def _check_out_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:

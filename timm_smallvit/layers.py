@@ -98,7 +98,7 @@ def luma_if_rgb(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def gray_from_rgb(module: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
+def gray_from_rgb_hook(module: nn.Module, args: tuple[torch.Tensor]) -> tuple[torch.Tensor]:
     """A forward pre-hook for a grayscale model's patch embedding: :func:`luma_if_rgb` on its input."""
     return (luma_if_rgb(args[0]),)
 

@@ -45,8 +45,16 @@ from timm.models.vision_transformer import checkpoint_filter_fn as _vit_checkpoi
 from torch.jit import Final
 from torchvision.datasets import FashionMNIST
 
-from .layers import Attention, Block, ConvStem, Dropout, Mlp, PatchEmbed, resolve_global_pool
-from .layers import gray_from_rgb as gray_from_rgb_hook
+from .layers import (
+    Attention,
+    Block,
+    ConvStem,
+    Dropout,
+    Mlp,
+    PatchEmbed,
+    gray_from_rgb_hook,
+    resolve_global_pool,
+)
 
 __all__ = [
     'SmallViT',
