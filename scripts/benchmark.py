@@ -63,12 +63,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.optim import create_optimizer_v2
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 import timm_smallvit
 from timm_smallvit import to_vision_transformer
 from timm_smallvit._reference_d2l import ViT
 from timm_smallvit.amp import cpu_has_native_bf16
+from timm_smallvit.flops import count_flops
 
 # shape key -> (label, timm model name)
 SHAPES = {
@@ -299,48 +299,6 @@ def held_bytes(mut: ModelUnderTest, x: torch.Tensor, y: torch.Tensor, kind: str)
         tensors += [v for s in mut.optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
         tensors.append(y)
     return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def _cpu_sdpa_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
-    return sdpa_flop_count(query_shape, key_shape, value_shape)
-
-
-def _cpu_sdpa_backward_flops(grad_out_shape, query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs):
-    return sdpa_backward_flop_count(grad_out_shape, query_shape, key_shape, value_shape)
-
-
-# FlopCounterMode knows the CUDA attention kernels but not the CPU one; at 256 px attention is most of the work
-CPU_SDPA_FLOPS = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward: _cpu_sdpa_backward_flops,
-}
-
-
-def count_flops(model: nn.Module, in_shape: tuple[int, ...], num_classes: int, kind: str) -> int:
-    """Matmul, conv and attention FLOPs of one image (fp32 eager; autocast and compile do the same math).
-
-    Counted at batch 1: every op of these models is linear in the batch, so a batch costs batch x this.
-    Elementwise ops (norms, GELU, softmax outside SDPA, the optimizer) are not counted, as usual.
-    """
-    x = torch.randn(1, *in_shape)
-    y = torch.randint(0, num_classes, (1,))
-    model.train(kind == 'train')
-
-    # FlopCounterMode tracks modules with global hooks, and smallvit's forward then runs its full last block (as it
-    # does for any hook): count the forward that runs unobserved
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        if getattr(model, 'trims_last_block', None) is not None and model.trims_last_block():
-            return model.forward_head(model.forward_class_token(x))
-        return model(x)
-
-    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
-        if kind == 'train':
-            F.cross_entropy(forward(x), y).backward()
-        else:
-            with torch.no_grad():
-                forward(x)
-    model.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
 
 
 def model_benches(

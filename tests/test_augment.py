@@ -12,6 +12,7 @@ from timm_smallvit.augment import (
     adjust_brightness,
     adjust_contrast,
     adjust_saturation,
+    alternating_flips,
     crop_flip_resize,
     sample_crop_boxes,
     sample_factors,
@@ -148,3 +149,24 @@ def test_batch_augment_without_crop_is_resize_and_flip():
     x = _images(1, size=28, batch=8)
     out = BatchAugment((28, 28), scale=None, hflip=0.0)(x, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(out, x, atol=1e-5, rtol=0)  # grid_sample's pixel centres, up to rounding
+
+
+def test_alternating_flips_mirror_each_image_every_other_epoch():
+    parity = torch.randint(0, 2, (1000,), generator=torch.Generator().manual_seed(0))
+    epochs = torch.stack([alternating_flips(parity, e) for e in range(4)])  # (epochs, images)
+    assert set(epochs.unique().tolist()) == {-1.0, 1.0}
+    assert (epochs[0] != epochs[1]).all() and (epochs[1] != epochs[2]).all()  # every image both ways in two epochs
+    assert torch.equal(epochs[0], epochs[2]) and torch.equal(epochs[1], epochs[3])
+    assert 0.45 < (epochs[0] == -1).float().mean() < 0.55  # half of them in any epoch, as hflip 0.5
+    # coin flips (the default) show about half the images the same way in two epochs in a row: the oracle of why
+    g = torch.Generator().manual_seed(1)
+    assert 0.45 < (sample_flips(1000, 0.5, g) == sample_flips(1000, 0.5, g)).float().mean() < 0.55
+
+
+def test_batch_augment_takes_given_flips_and_still_draws_the_crops():
+    x, size = _images(1, size=28, batch=16), (24, 24)
+    augment = BatchAugment(size, scale=(0.3, 1.0), hflip=0.5)
+    flips = alternating_flips(torch.arange(16) % 2, epoch=1)
+    out = augment(x, generator=torch.Generator().manual_seed(5), flips=flips)
+    boxes = sample_crop_boxes(16, (0.3, 1.0), augment.log_ratio, torch.Generator().manual_seed(5))
+    assert torch.equal(out, crop_flip_resize(x, boxes, flips, size))

@@ -150,7 +150,7 @@ def test_cli_train_py_warns_when_bf16_would_be_slower(fmnist_src, capsys, monkey
 
     monkeypatch.setenv('SMALLVIT_CACHE', str(tmp_path / 'cache'))
     monkeypatch.setattr(timm_smallvit.amp, 'cpu_has_native_bf16', lambda: native)
-    monkeypatch.setattr(timm_smallvit.amp, 'cpu_matmul_gflops', lambda: (100.0, 300.0))
+    monkeypatch.setattr(timm_smallvit.amp, 'bf16_speedup', lambda step: 3.0)
     argv = ['train-py', 'fashion_mnist_demo', '--train-py', 'train.py', '--data-dir', str(fmnist_src)]
     assert main([*argv, '--', '--device', 'cpu']) == 0  # the demo recipe sets amp: true
     err = capsys.readouterr().err

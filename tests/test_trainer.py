@@ -1,6 +1,7 @@
 """The quick trainer on real Fashion-MNIST: learning, resume, NaN stop, recipe keys, train.py's format."""
 
 import argparse
+import copy
 import csv
 import importlib.util
 import logging
@@ -16,14 +17,17 @@ import yaml
 from huggingface_hub import ModelCard
 from safetensors.torch import save_file
 from timm.data.random_erasing import RandomErasing
+from torch.utils.flop_counter import FlopCounterMode
 from torchvision.datasets import FashionMNIST
 
 import timm_smallvit
 from timm_smallvit import amp as amp_module
+from timm_smallvit import budget as budget_module
 from timm_smallvit import recipe as recipe_module
 from timm_smallvit import trainer as trainer_module
 from timm_smallvit.augment import BatchAugment
 from timm_smallvit.data import load_fashion_mnist, prepare_fashion_mnist
+from timm_smallvit.flops import CPU_SDPA_FLOPS
 from timm_smallvit.loader import BatchLoader
 from timm_smallvit.recipe import QUICK_TRAINER_KEYS, TRAIN_PY_DEFAULTS, load_recipe, resolve_args
 from timm_smallvit.trainer import NonFiniteLossError, train
@@ -69,7 +73,8 @@ def test_loss_falls_on_real_data_and_outputs_match_train_py(tmp_path, fmnist_src
     run_dir = result['output_dir']
     rows = _summary(run_dir)
     assert [r['epoch'] for r in rows] == [0, 1, 2]
-    assert list(rows[0]) == ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']  # train.py's
+    # train.py's columns, and the run's training compute so far (issue 36: compute, not time, is the budget's axis)
+    assert list(rows[0]) == ['epoch', 'train_loss', 'train_tflop', 'eval_loss', 'eval_top1', 'eval_top5', 'lr']
     assert rows[-1]['train_loss'] < 0.75 * rows[0]['train_loss']
     assert rows[-1]['eval_top1'] > 55.0  # chance is 10
     assert result['eval_metrics']['top1'] == rows[-1]['eval_top1']
@@ -191,7 +196,8 @@ def test_crop_off_epoch_trains_on_whole_images_from_that_epoch(tmp_path, fmnist_
     seen: list[torch.Tensor] = []
 
     def record(module, inputs):
-        if isinstance(module, timm_smallvit.SmallViT) and module.training:  # evaluation batches are never cropped
+        # evaluation batches are never cropped; the FLOP count's forward (batch 2, on a copy) is no training step
+        if isinstance(module, timm_smallvit.SmallViT) and module.training and len(inputs[0]) == 64:
             seen.append(inputs[0].detach().flatten(1).clone())
 
     handle = torch.nn.modules.module.register_module_forward_pre_hook(record)
@@ -267,8 +273,68 @@ def test_budget_minutes_fits_the_schedule_to_the_time_measured(tmp_path, fmnist_
     assert _load_checkpoint(result['output_dir'] / 'last.pth.tar')['epoch'] == 1
 
     args = argparse.Namespace(budget_minutes=1, distributed=False)
-    assert recipe_module.fit_to_budget(args, 2, elapsed_s=20.0) == 5  # 40 s left, 10.3 s an epoch
-    assert recipe_module.fit_to_budget(args, 2, elapsed_s=70.0) == 2
+    assert budget_module.fit_to_budget(args, 2, elapsed_s=20.0) == 5  # 40 s left, 10.3 s an epoch
+    assert budget_module.fit_to_budget(args, 2, elapsed_s=70.0) == 2
+
+
+def _oracle_flops(model, in_shape, backward=True):
+    # torch's FlopCounterMode on the model itself at batch 2, halved: no smallvit trim here (mean-pooled models)
+    model = copy.deepcopy(model).train(backward)
+    x = torch.randn(2, *in_shape)
+    with FlopCounterMode(display=False, custom_mapping=CPU_SDPA_FLOPS) as counter:
+        if backward:
+            torch.nn.functional.cross_entropy(model(x), torch.tensor([0, 1])).backward()
+        else:
+            with torch.no_grad():
+                model(x)
+    return counter.get_total_flops() / 2
+
+
+def test_budget_tflop_cuts_the_epochs_to_the_compute_counted(tmp_path, fmnist_src):
+    tiny = dict(train_num_samples=512, val_num_samples=64, batch_size=64)  # 8 steps, 512 images an epoch
+    flops = _oracle_flops(timm.create_model(QUICK['model']), (1, 28, 28))
+    per_epoch = flops * 512 / 1e12
+    budget = 2.5 * per_epoch  # two epochs and a half: two fit
+    result = _run(tmp_path, fmnist_src, 'tflop', epochs=6, crop_off_epoch=3, budget_tflop=budget, **tiny)
+    rows = _summary(result['output_dir'])
+    assert [r['epoch'] for r in rows] == [0, 1] and result['args'].crop_off_epoch == 1  # round(3 * 2 / 6)
+    assert [r['train_tflop'] for r in rows] == pytest.approx([per_epoch, 2 * per_epoch], rel=1e-6)
+    recorded = yaml.safe_load((result['output_dir'] / 'args.yaml').read_text())
+    assert recorded['epochs'] == 2 and recorded['train_tflop'] == pytest.approx(2 * per_epoch, abs=1e-3)
+    assert recorded['train_gflop_per_image'] == pytest.approx(flops / 1e9, rel=1e-6)
+    assert recorded['train_device'].endswith('threads (CPU)') and recorded['train_wall_s'] > 0
+    assert resolve_args(dict(recorded, data_dir=str(fmnist_src))).budget_tflop == budget  # args.yaml is a recipe
+    # the export's card states the run's compute, epochs, device and wall time
+    folder = timm_smallvit.export_checkpoint(result['output_dir'] / 'last.pth.tar', tmp_path / 'export')
+    text = ModelCard.load(folder / 'README.md').text
+    assert f'| training compute | {recorded["train_tflop"]:,.1f} TFLOP ({flops / 1e9:.4f} GFLOP per training' in text
+    assert '| epochs | 2 |' in text and f'| compute budget | {budget:g} TFLOP |' in text
+    assert f'| trained on | {recorded["train_device"]} |' in text and '| training wall time | ' in text
+    # a budget exactly N epochs long trains N epochs; one that cannot pay for an epoch is refused before training
+    exact = _run(tmp_path, fmnist_src, 'exact', epochs=6, budget_tflop=3 * per_epoch, **tiny)
+    assert exact['args'].epochs == 3
+    with pytest.raises(ValueError, match=r'budget_tflop .*one epoch of smallvit_tiny_convstem_28 costs'):
+        _run(tmp_path, fmnist_src, 'none', epochs=6, budget_tflop=0.5 * per_epoch, **tiny)
+    assert not (tmp_path / 'none').exists()
+
+
+def test_a_teachers_forward_and_training_count_towards_the_compute(tmp_path, fmnist_src):
+    tiny = dict(train_num_samples=256, val_num_samples=64, batch_size=64)
+    teacher = 'smallvit_tiny_convstem_28.fmnist'  # shipped weights (no download), mean-pooled (no trimmed block)
+    flops = _oracle_flops(timm.create_model(QUICK['model']), (1, 28, 28))
+    flops += _oracle_flops(timm.create_model(teacher, pretrained=True), (1, 28, 28), backward=False)
+    per_epoch = flops * 256 / 1e12
+    kd = dict(kd_model_name=teacher, kd_teacher_tflop=per_epoch, **tiny)  # the teacher trained for one such epoch
+    result = _run(tmp_path, fmnist_src, 'kd', epochs=5, budget_tflop=3.5 * per_epoch, **kd)
+    rows = _summary(result['output_dir'])
+    assert [r['epoch'] for r in rows] == [0, 1]  # 3.5 epochs of compute, one of them spent on the teacher
+    assert [r['train_tflop'] for r in rows] == pytest.approx([2 * per_epoch, 3 * per_epoch], rel=1e-6)
+    assert result['args'].train_gflop_per_image == pytest.approx(flops / 1e9, rel=1e-6)
+    with pytest.raises(ValueError, match='kd_teacher_tflop to its training compute'):
+        resolve_args(dict(QUICK, data_dir=str(fmnist_src), kd_model_name=teacher, budget_tflop=10))
+    for bad in (-1, 'many', True, float('inf')):
+        with pytest.raises(ValueError, match='budget_tflop'):
+            resolve_args(dict(QUICK, data_dir=str(fmnist_src), budget_tflop=bad))
 
 
 def test_budget_refits_as_the_pace_changes_until_the_last_fifth_or_crop_off(tmp_path, fmnist_src, monkeypatch):
@@ -278,7 +344,7 @@ def test_budget_refits_as_the_pace_changes_until_the_last_fifth_or_crop_off(tmp_
         calls.append(done)
         return 6 if done == 2 else 7
 
-    monkeypatch.setattr(trainer_module, 'fit_to_budget', pace)
+    monkeypatch.setattr(budget_module, 'fit_to_budget', pace)
     tiny = dict(train_num_samples=256, val_num_samples=64)
     result = _run(tmp_path, fmnist_src, 'refits', epochs=8, crop_off_epoch=6, budget_minutes=30, **tiny)
     # 6 epochs (crop off from round(6 * 6 / 8) = 4), then 7 (crop off from round(6 * 7 / 8) = 5), then no refit
@@ -296,10 +362,10 @@ def test_a_schedule_refitted_by_the_budget_continues_as_if_planned_that_long(
 ):
     common = dict(warmup_epochs=0, sched_on_updates=per_step, train_num_samples=512, val_num_samples=128)
     planned = _run(tmp_path, fmnist_src, 'planned', epochs=5, crop_off_epoch=3, **common)
-    monkeypatch.setattr(trainer_module, 'fit_to_budget', lambda args, done, elapsed_s: 5)
+    monkeypatch.setattr(budget_module, 'fit_to_budget', lambda args, done, elapsed_s: 5)
     fitted = _run(tmp_path, fmnist_src, 'fitted', epochs=7, crop_off_epoch=4, budget_minutes=30, **common)
     # a budget never raises the recipe's epochs (on a GPU 30 minutes would be hundreds of epochs)
-    monkeypatch.setattr(trainer_module, 'fit_to_budget', lambda args, done, elapsed_s: 9)
+    monkeypatch.setattr(budget_module, 'fit_to_budget', lambda args, done, elapsed_s: 9)
     kept = _run(tmp_path, fmnist_src, 'kept', epochs=3, budget_minutes=30, **common)
     assert len(_summary(kept['output_dir'])) == 3 and kept['args'].epochs == 3
     lr_planned = [r['lr'] for r in _summary(planned['output_dir'])]
@@ -315,7 +381,7 @@ def test_a_schedule_refitted_by_the_budget_continues_as_if_planned_that_long(
 def test_a_refit_that_ends_the_run_after_a_skipped_epoch_evaluates_that_epoch(tmp_path, fmnist_src, monkeypatch):
     # the pace after the third epoch (which val_interval 2 skips) says the budget is spent: the refit makes that epoch
     # the last, and the last epoch is always evaluated, with its summary row and checkpoint
-    monkeypatch.setattr(trainer_module, 'fit_to_budget', lambda args, done, elapsed_s: 3 if done == 3 else 8)
+    monkeypatch.setattr(budget_module, 'fit_to_budget', lambda args, done, elapsed_s: 3 if done == 3 else 8)
     tiny = dict(train_num_samples=256, val_num_samples=64)
     result = _run(tmp_path, fmnist_src, 'spent', epochs=8, val_interval=2, budget_minutes=30, **tiny)
     assert result['args'].epochs == 3
@@ -357,6 +423,27 @@ def test_batch_loader_yields_the_same_batches_in_nhwc():
         assert x.is_contiguous() and x_cl.is_contiguous(memory_format=torch.channels_last)
         assert not x_cl.is_contiguous()  # 3 channels: the two layouts differ
         assert torch.equal(x, x_cl) and torch.equal(y, y_cl)
+
+
+def test_alternate_flips_mirror_each_training_image_every_other_epoch():
+    # shuffled, in two processes' shards: each image (its label says which) comes out mirrored in one of two epochs
+    images = torch.randint(0, 256, (32, 1, 6, 6), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(32)
+    augment = BatchAugment((6, 6), scale=None, hflip=0.5)
+    common = dict(batch_size=4, mean=(0.0,), std=(1.0,), img_size=(6, 6), augment=augment, shuffle=True, seed=3)
+    mirrored: dict[int, list[bool]] = {}
+    for epoch in range(2):
+        for rank in range(2):
+            loader = BatchLoader(images, labels, alternate_flips=True, rank=rank, world_size=2, **common)
+            loader.set_epoch(epoch)
+            for x, y in loader:
+                for image, label in zip(x, y.tolist(), strict=True):
+                    whole = images[label].float() / 255
+                    flipped = torch.allclose(image, whole.flip(-1), atol=1e-5)
+                    assert flipped or torch.allclose(image, whole, atol=1e-5)
+                    mirrored.setdefault(label, []).append(flipped)
+    assert sorted(mirrored) == list(range(32)) and all(m in ([True, False], [False, True]) for m in mirrored.values())
+    assert 8 <= sum(m[0] for m in mirrored.values()) <= 24  # a random half from the first epoch
 
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs a CUDA GPU')
@@ -452,8 +539,11 @@ def test_fewer_images_than_a_batch_is_a_clear_error(tmp_path, fmnist_src):
     assert not (tmp_path / 'tiny').exists()
 
 
-def test_bf16_autocast_on_cpu(tmp_path, fmnist_src, caplog):
-    caplog.set_level(logging.WARNING)
+def test_bf16_autocast_on_cpu(tmp_path, fmnist_src, caplog, monkeypatch):
+    measured = []
+    speedup = amp_module.bf16_speedup
+    monkeypatch.setattr(amp_module, 'bf16_speedup', lambda step: measured.append(speedup(step)) or measured[-1])
+    caplog.set_level(logging.INFO, logger=amp_module.__name__)
     result = _run(
         tmp_path,
         fmnist_src,
@@ -466,28 +556,87 @@ def test_bf16_autocast_on_cpu(tmp_path, fmnist_src, caplog):
         val_num_samples=32,
     )
     assert _summary(result['output_dir'])[0]['train_loss'] > 0
-    faster = amp_module.cpu_bf16_is_faster()
+    faster = amp_module.cpu_has_native_bf16() and measured[0] >= amp_module.BF16_MIN_SPEEDUP
     assert result['args'].amp == faster  # bf16 where it is the fast path, float32 where it would be slower
-    assert faster or 'training in float32 instead' in caplog.text  # the fallback is said, not hidden
+    assert len(measured) == (1 if amp_module.cpu_has_native_bf16() else 0)  # the run's own step, timed once
+    assert ('training in float32 instead' in caplog.text) != faster  # the fallback is said, not hidden
+    recorded = yaml.safe_load((result['output_dir'] / 'args.yaml').read_text())
+    assert recorded['amp'] == faster  # args.yaml says what ran
+
+
+class _Clock:
+    """A stub of time.perf_counter: each step advances it by what ``seconds`` says for that dtype and call."""
+
+    def __init__(self, seconds):
+        self.now, self.seconds, self.calls = 0.0, seconds, []
+
+    def step(self, bf16: bool) -> None:
+        self.calls.append(bf16)
+        self.now += self.seconds(bf16, len(self.calls))
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_bf16_speedup_is_robust_to_a_drifting_and_noisy_vm():
+    # the VM slows down 1.5x over the probe (drift) and one round is disturbed (another job, a page fault): the
+    # true speed-up of 2x is still what the median of interleaved rounds reads
+    def seconds(bf16, call):
+        drift = 1 + 0.5 * call / 12
+        base = 0.05 if bf16 else 0.10
+        return base * drift * (6.0 if call == 7 else 1.0)
+
+    clock = _Clock(seconds)
+    speedup = amp_module.bf16_speedup(clock.step, rounds=5, timer=clock)
+    assert speedup == pytest.approx(2.0, rel=0.1)
+    assert clock.calls[:2] == [False, True] and len(clock.calls) == 2 + 2 * 5  # a warm-up of each, then the rounds
+    assert clock.calls[2:6] == [False, True, True, False]  # the order alternates, so drift cancels over rounds
+    # the matmul probe this replaces timed each dtype once, 0.3 s apart: one disturbed timing decided the run
+
+
+@pytest.mark.parametrize(('true_speedup', 'expected'), [(2.1, True), (1.05, False)])
+def test_the_decision_is_the_steps_not_one_noisy_timing(monkeypatch, caplog, true_speedup, expected):
+    def seconds(bf16, call):
+        noise = 1.6 if call in (5, 10) else 1.0  # two disturbed timings, one of each dtype
+        return (0.1 / true_speedup if bf16 else 0.1) * noise
+
+    clock = _Clock(seconds)
+    monkeypatch.setattr(amp_module, 'cpu_has_native_bf16', lambda: True)
+    monkeypatch.setattr(amp_module, 'training_step', lambda *a, **k: clock.step)
+    monkeypatch.setattr(amp_module, 'bf16_speedup', lambda step: _real_speedup(step, timer=clock))
+    args = argparse.Namespace(amp=True, amp_dtype='bfloat16', num_classes=10, batch_size=8, channels_last=False)
+    with caplog.at_level(logging.INFO):
+        speedup = amp_module.decide_cpu_amp(args, torch.nn.Linear(1, 1), (1, 28, 28), torch.device('cpu'))
+    assert speedup == pytest.approx(true_speedup, rel=0.05) and args.amp == expected
+    assert ('training in float32 instead' in caplog.text) != expected
+    if not expected:  # the warning says why: the measured step and the threshold
+        assert f'ran {true_speedup:.2f}x as fast in bf16' in caplog.text and '1.15x' in caplog.text
+
+
+_real_speedup = amp_module.bf16_speedup
 
 
 @pytest.mark.parametrize('native', [True, False])
 @pytest.mark.parametrize('bf16_gain', [2.0, 0.5])
-def test_amp_on_cpu_is_bf16_autocast_only_where_bf16_is_faster(monkeypatch, caplog, native, bf16_gain):
-    # bf16 only with native bf16 whose matmuls beat float32 (an AVX512-BF16 VM without AMX ran them at half speed)
+def test_amp_on_cpu_is_bf16_autocast_only_where_the_step_is_faster(monkeypatch, caplog, native, bf16_gain):
+    # bf16 only with native bf16 whose training step beats float32 (an AVX512-BF16 VM without AMX ran at half speed)
     monkeypatch.setattr(amp_module, 'cpu_has_native_bf16', lambda: native)
-    monkeypatch.setattr(amp_module, 'cpu_matmul_gflops', lambda: (100.0, 100.0 * bf16_gain))
+    monkeypatch.setattr(amp_module, 'bf16_speedup', lambda step: bf16_gain)
     expected = native and bf16_gain > 1
-    args = argparse.Namespace(amp=True, amp_dtype='bfloat16')
-    with caplog.at_level(logging.WARNING), amp_module.autocast_context(args, torch.device('cpu'))():
+    args = argparse.Namespace(amp=True, amp_dtype='bfloat16', num_classes=10, batch_size=4, channels_last=False)
+    model = timm.create_model('smallvit_nano_patch4_28')
+    with caplog.at_level(logging.WARNING):
+        amp_module.decide_cpu_amp(args, model, (1, 28, 28), torch.device('cpu'))
+    with amp_module.autocast_context(args, torch.device('cpu'))():
         enabled = torch.is_autocast_enabled('cpu') and torch.get_autocast_dtype('cpu') == torch.bfloat16
     assert enabled == expected and args.amp == expected
     assert ('training in float32 instead' in caplog.text) != expected
-    if not expected:  # the warning says why: emulated, or the two measured speeds
-        reason = 'no native bfloat16' if not native else 'bf16 matmuls on this CPU run at 50 GFLOP/s against 100'
+    if not expected:  # the warning says why: emulated, or the measured speed-up
+        reason = 'no native bfloat16' if not native else 'the training step ran 0.50x as fast in bf16'
         assert reason in caplog.text
-    with pytest.raises(ValueError, match='float16 autocast is for CUDA'):
-        amp_module.autocast_context(argparse.Namespace(amp=True, amp_dtype='float16'), torch.device('cpu'))
+    for decide in (amp_module.decide_cpu_amp, lambda a, *_: amp_module.autocast_context(a, torch.device('cpu'))):
+        with pytest.raises(ValueError, match='float16 autocast is for CUDA'):
+            decide(argparse.Namespace(amp=True, amp_dtype='float16'), model, (1, 28, 28), torch.device('cpu'))
 
 
 @pytest.mark.parametrize(('mine', 'first'), [(True, False), (False, True), (True, True)])
@@ -496,32 +645,38 @@ def test_cpu_processes_take_the_first_ones_bf16_answer(monkeypatch, mine, first)
         assert src == 0
         tensor.fill_(int(first))
 
-    monkeypatch.setattr(amp_module, 'cpu_bf16_is_faster', lambda: mine)  # this process's own timing
+    monkeypatch.setattr(amp_module, 'cpu_bf16_pays', lambda step: (mine, 2.0 if mine else 1.0))  # its own timing
     monkeypatch.setattr(amp_module.dist, 'is_initialized', lambda: True)
     monkeypatch.setattr(amp_module.dist, 'broadcast', broadcast)
-    args = argparse.Namespace(amp=True, amp_dtype='bfloat16')
+    args = argparse.Namespace(amp=True, amp_dtype='bfloat16', num_classes=10, batch_size=4, channels_last=False)
+    amp_module.decide_cpu_amp(args, torch.nn.Linear(1, 1), (1, 28, 28), torch.device('cpu'))
     with amp_module.autocast_context(args, torch.device('cpu'))():
         enabled = torch.is_autocast_enabled('cpu')
     assert args.amp == first and enabled == first
 
 
-def test_the_matmul_probe_leaves_the_seeded_generator_alone():
-    # it runs after the trainer seeds torch: drawing from the global generator would change the model's init
+def test_the_step_probe_leaves_the_model_and_the_seeded_generator_alone():
+    # it runs after the trainer seeds torch and builds the model: drawing from the global generator would change
+    # the run (dropout, augmentation), and a step on the model itself would train it
+    model = timm.create_model('smallvit_tiny_convstem_28', drop_path_rate=0.1)
+    before = {k: v.clone() for k, v in model.state_dict().items()}  # batch-norm statistics included
+    torch.manual_seed(0)
     state = torch.get_rng_state()
-    amp_module.cpu_matmul_gflops.cache_clear()
-    amp_module.cpu_matmul_gflops()
+    step = amp_module.training_step(model, (1, 28, 28), 10, batch_size=8, channels_last=True)
+    amp_module.bf16_speedup(step, rounds=1)
     assert torch.equal(torch.get_rng_state(), state)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
 
 
-def test_the_matmul_probe_measures_this_cpu():
-    # an oracle outside the probe: torch's own benchmark timer on the same matmul, in float32
+def test_the_step_probe_measures_the_step():
+    # an oracle outside the probe: torch's own benchmark timer on the same step, float32 and bf16 autocast
     from torch.utils.benchmark import Timer
 
-    fp32, bf16 = amp_module.cpu_matmul_gflops()
-    assert fp32 > 0 and bf16 > 0 and amp_module.cpu_matmul_gflops() == (fp32, bf16)  # measured once
-    a = torch.randn(1024, 1024)
-    seconds = Timer('a @ a', globals={'a': a}).blocked_autorange(min_run_time=0.2).median
-    assert 0.25 < fp32 / (2 * 1024**3 / seconds / 1e9) < 4  # the same order as torch's timing, noise allowed
+    step = amp_module.training_step(timm.create_model('smallvit_nano_patch4_28'), (1, 28, 28), 10, batch_size=32)
+    speedup = amp_module.bf16_speedup(step, rounds=3)
+    fp32, bf16 = (Timer('step(b)', globals={'step': step, 'b': b}).timeit(5).median for b in (False, True))
+    assert 0.4 < speedup / (fp32 / bf16) < 2.5  # the same order as torch's timing, noise allowed
 
 
 def test_a_recipe_that_names_cuda_warns_when_there_is_none(fmnist_src, monkeypatch, caplog):

@@ -23,6 +23,7 @@ __all__ = [
     'adjust_brightness',
     'adjust_contrast',
     'adjust_saturation',
+    'alternating_flips',
     'crop_flip_resize',
     'sample_crop_boxes',
     'sample_factors',
@@ -79,6 +80,17 @@ def sample_crop_boxes(
 def sample_flips(batch: int, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """(B,) -1.0 where an image is flipped horizontally (probability ``p``), else 1.0; draws ``batch`` values."""
     return torch.where(torch.rand(batch, generator=generator) < p, -1.0, 1.0)
+
+
+def alternating_flips(parity: torch.Tensor, epoch: int) -> torch.Tensor:
+    """(B,) -1.0 where an image is flipped in this epoch, else 1.0: each image every other epoch (airbench).
+
+    ``parity`` (B,) holds each image's fixed random 0 or 1: an image is mirrored in the epochs where ``parity +
+    epoch`` is odd. Half the images are mirrored in any epoch, as with ``hflip: 0.5``, but every image is seen both
+    ways in any two epochs in a row, where independent coin flips show half of them the same way twice. Draws
+    nothing.
+    """
+    return torch.where((parity + epoch) % 2 == 1, -1.0, 1.0)
 
 
 def sample_factors(
@@ -159,17 +171,21 @@ class BatchAugment:
         self.jitter = tuple(float(c) for c in color_jitter[:3])  # hue (a 4th value) is not applied
         self.mode = interpolation if interpolation in ('bilinear', 'bicubic', 'nearest') else 'bilinear'
 
-    def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(
+        self, x: torch.Tensor, generator: torch.Generator | None = None, flips: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """x: float images in [0, 1], (B, C, H, W) -> augmented (B, C, *img_size), still in [0, 1].
 
         The random parameters come from ``generator`` on the CPU (so a seed gives the same batch on any device);
-        the resampling runs where ``x`` is.
+        the resampling runs where ``x`` is. ``flips`` ((B,) -1.0 or 1.0, on the CPU) replaces the drawn flips
+        (:func:`alternating_flips`): the crop boxes are drawn as without it, the jitter factors next.
         """
         B = x.shape[0]
         boxes = (
             CropBoxes.whole(B) if self.scale is None else sample_crop_boxes(B, self.scale, self.log_ratio, generator)
         )
-        flips = sample_flips(B, self.hflip, generator)
+        if flips is None:
+            flips = sample_flips(B, self.hflip, generator)
         x = crop_flip_resize(x, boxes, flips, self.img_size, self.mode)
 
         brightness, contrast, saturation = self.jitter  # applied in this order (torchvision shuffles it)

@@ -413,6 +413,23 @@ def _recipe(args: dict[str, Any]) -> list[tuple[str, str]]:
         out.append((label, f'`{value}`' if isinstance(value, str) else _fmt_value(value)))
     if args and args.get('model_kwargs'):
         out.append(('model kwargs', ', '.join(f'`{k}={v}`' for k, v in args['model_kwargs'].items())))
+    return out + _compute(args)
+
+
+def _compute(args: dict[str, Any]) -> list[tuple[str, str]]:
+    """What the run measured of itself (the trainer records it in args.yaml): compute, where it ran, how long."""
+    out = []
+    tflop, gflop = args.get('train_tflop'), args.get('train_gflop_per_image')
+    if isinstance(tflop, (int, float)) and isinstance(gflop, (int, float)):
+        teacher = args.get('kd_teacher_tflop')
+        before = f", {teacher:g} TFLOP of it the teacher's training" if teacher else ''
+        out.append(('training compute', f'{tflop:,.1f} TFLOP ({gflop:.4f} GFLOP per training image{before})'))
+    if isinstance(args.get('budget_tflop'), (int, float)) and args['budget_tflop']:
+        out.append(('compute budget', f'{args["budget_tflop"]:g} TFLOP'))
+    if isinstance(args.get('train_device'), str):
+        out.append(('trained on', _card_text(args['train_device'])))
+    if isinstance(args.get('train_wall_s'), (int, float)):
+        out.append(('training wall time', f'{args["train_wall_s"] / 60:,.1f} min (evaluations included)'))
     return out
 
 

@@ -4,6 +4,7 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 __all__ = ['main']
 
@@ -55,7 +56,6 @@ def _train_py(args: argparse.Namespace) -> int:
 
     import torch
 
-    from .amp import cpu_bf16_is_faster, slow_bf16_reason
     from .data import prepare_fashion_mnist
     from .launch import format_command, recipe_path, train_py_command
     from .recipe import QUICK_TRAINER_KEYS, TRAIN_PY_WITHOUT, load_recipe
@@ -68,12 +68,13 @@ def _train_py(args: argparse.Namespace) -> int:
     if not torch.cuda.is_available() and '--device' not in extra and 'device' not in recipe:
         extra += ['--device', 'cpu']  # train.py defaults to cuda
     device = extra[extra.index('--device') + 1] if '--device' in extra[:-1] else recipe.get('device', 'cuda')
-    if device == 'cpu' and recipe.get('amp') and not cpu_bf16_is_faster():
+    slow_bf16 = _slow_bf16_reason(recipe) if device == 'cpu' and recipe.get('amp') else None
+    if slow_bf16:
         # train.py takes amp as given (its --amp cannot be switched off from the command line)
         print(
-            f'warning: {args.recipe} sets amp: true, and {slow_bf16_reason()}: train.py would train in bf16, '
-            'slower than float32. Run a copy of the recipe without its amp lines, or `smallvit train`, which '
-            'falls back to float32.',
+            f'warning: {args.recipe} sets amp: true, and {slow_bf16}: train.py would train in bf16, slower than '
+            'float32. Run a copy of the recipe without its amp lines, or `smallvit train`, which falls back to '
+            'float32.',
             file=sys.stderr,
         )
     unused = {k: v for k, v in recipe.items() if k in QUICK_TRAINER_KEYS and v != QUICK_TRAINER_KEYS[k]}
@@ -101,6 +102,25 @@ def _train_py(args: argparse.Namespace) -> int:
     )
     print(format_command(command), flush=True)
     return subprocess.call(command) if args.run else 0
+
+
+def _slow_bf16_reason(recipe: dict) -> str | None:
+    """Why bf16 would not pay for the recipe's training step on this CPU (timed as `smallvit train` does), or None."""
+    import timm
+
+    from .amp import cpu_bf16_pays, slow_bf16_reason, training_step
+
+    kwargs = dict(recipe.get('model_kwargs') or {})
+    for key in ('num_classes', 'in_chans', 'img_size'):
+        if recipe.get(key) is not None:
+            kwargs.setdefault(key, recipe[key])
+    model: Any = timm.create_model(recipe.get('model', 'resnet50'), **kwargs)  # timm's: pretrained_cfg, ...
+    default_chans, _, default_size = model.pretrained_cfg['input_size']
+    size = kwargs.get('img_size') or default_size
+    in_shape = (kwargs.get('in_chans', default_chans), size, size)
+    step = training_step(model, in_shape, model.num_classes, int(recipe.get('batch_size', 128)))
+    pays, speedup = cpu_bf16_pays(step)
+    return None if pays else slow_bf16_reason(speedup)
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from timm.data.random_erasing import RandomErasing
 
-from .augment import BatchAugment
+from .augment import BatchAugment, alternating_flips
 
 __all__ = ['BatchLoader', 'hold_out']
 
@@ -34,6 +34,8 @@ class BatchLoader:
         rank, world_size: This process's shard of each epoch's order.
         interpolation: Resize mode for evaluation batches.
         channels_last: Yield batches in NHWC memory layout (for a model converted to channels_last).
+        alternate_flips: Mirror each image every other epoch (:func:`~timm_smallvit.augment.alternating_flips`,
+            from a fixed random half given by ``seed``) instead of by a coin flip per image and epoch.
         device: Where the dataset is held and batches are built and augmented (a GPU: no per-batch copies and no
             CPU augmentation in the GPU's way; Fashion-MNIST is 47 MB). Random parameters are drawn on the CPU,
             so a seed gives the same crops and flips on every device.
@@ -56,6 +58,7 @@ class BatchLoader:
         world_size: int = 1,
         interpolation: str = 'bilinear',
         channels_last: bool = False,
+        alternate_flips: bool = False,
         device: torch.device | str = 'cpu',
     ) -> None:
         if images.dtype != torch.uint8 or images.ndim != 4:
@@ -76,6 +79,10 @@ class BatchLoader:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         self.epoch = 0
         self.generator = torch.Generator().manual_seed(seed * 1000 + rank)
+        # each image's first mirrored epoch (0 or 1), the same on every process: indices are global
+        self.flip_parity = None
+        if alternate_flips:
+            self.flip_parity = torch.randint(0, 2, (len(images),), generator=torch.Generator().manual_seed(seed))
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -102,7 +109,10 @@ class BatchLoader:
             idx = torch.tensor_split(order[i * global_batch : (i + 1) * global_batch], self.world_size)[self.rank]
             x = self.images[idx].float().div_(255)  # (B, C, H, W) in [0, 1]
             if self.augment is not None:
-                x = self.augment(x, generator=self.generator)
+                flips = None
+                if self.flip_parity is not None and self.augment.hflip > 0:
+                    flips = alternating_flips(self.flip_parity[idx.cpu()], self.epoch)
+                x = self.augment(x, generator=self.generator, flips=flips)
             elif x.shape[-2:] != self.img_size:
                 x = F.interpolate(x, size=self.img_size, mode=self.interpolation, align_corners=False)
             x = x.sub_(self.mean).div_(self.std)

@@ -21,7 +21,6 @@ from typing import Any
 
 import timm
 import torch
-import torch.distributed as dist
 import yaml
 from timm.models import safe_model_name
 from timm.utils import CheckpointSaver, load_checkpoint_metadata, update_summary
@@ -37,7 +36,6 @@ __all__ = [
     'TRAIN_PY_WITHOUT',
     'check_resume',
     'continue_in_place',
-    'fit_to_budget',
     'holds_run',
     'load_recipe',
     'parse_bool',
@@ -45,7 +43,6 @@ __all__ = [
     'resolve_lr',
     'run_folder',
     'save_epoch',
-    'set_epochs',
     'write_args',
 ]
 
@@ -178,6 +175,17 @@ QUICK_TRAINER_KEYS: dict[str, Any] = {
     # the run trains on the rest and never reads the validation split, so a recipe can be chosen without looking at
     # the test images. 0: evaluate on the validation split.
     'val_holdout': 0,
+    # Mirror each training image every other epoch, half of them from the first (airbench's alternating flip),
+    # instead of a coin flip per image and epoch (hflip must be above 0; its value no longer matters).
+    'alternate_flips': False,
+    # Training compute to fit the schedule into, in TFLOP (10^12 FLOPs): FLOPs per training image of the whole step
+    # (forward and backward, a distillation teacher's forward included; counted with FlopCounterMode) times the
+    # images trained on. Decided before the first step, the same on any machine: the epochs are cut to what fits
+    # (never raised), crop_off_epoch and mixup_off_epoch scaled with them. 0: no budget.
+    'budget_tflop': 0,
+    # The training compute of the distillation teacher (kd_model_name), in TFLOP, counted towards budget_tflop and
+    # the run's logged compute as spent before its first step (the teacher's card or args.yaml states it).
+    'kd_teacher_tflop': 0,
 }
 # What train.py does instead when a recipe sets one of them (its --config takes them silently): for the warning of
 # `smallvit train-py`.
@@ -186,11 +194,18 @@ TRAIN_PY_WITHOUT: dict[str, str] = {
     'eval_hflip': 'it evaluates one view of each image',
     'budget_minutes': "it trains the recipe's epochs, however long they take",
     'val_holdout': 'it trains on every training image and evaluates on the validation split',
+    'alternate_flips': 'it flips each image at random (hflip)',
+    'budget_tflop': "it trains the recipe's epochs, whatever compute they take",
+    'kd_teacher_tflop': 'it counts no training compute',
 }
 
 # What timm's init_distributed_device adds to the args (and so to args.yaml), and the dataset's class names (for
 # export's label_names): recorded in args.yaml, set again by every run that reads it as a recipe.
-_RUNTIME_KEYS = ('distributed', 'local_rank', 'rank', 'world_size', 'label_names')
+_RUNTIME_KEYS = (
+    'distributed', 'local_rank', 'rank', 'world_size', 'label_names',
+    # what the run measured of itself (budget.training_compute and the trainer): for the card, never a setting
+    'train_gflop_per_image', 'train_tflop', 'train_wall_s', 'train_device',
+)  # fmt: skip
 
 
 # every boolean recipe key (its default is a bool): read by parse_bool, from YAML and --set alike
@@ -268,11 +283,21 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
         )
     if args.amp and args.amp_dtype not in ('bfloat16', 'float16'):
         raise ValueError(f"amp_dtype {args.amp_dtype!r}: use 'bfloat16' or 'float16'.")
-    budget = args.budget_minutes
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 <= budget < math.inf:
-        raise ValueError(f'budget_minutes {budget!r}: minutes of training to fit the schedule to, or 0 for none.')
-    if budget and args.sched == 'plateau':
-        raise ValueError('budget_minutes needs a schedule of known length; the plateau schedule has none.')
+    for key, what in (
+        ('budget_minutes', 'minutes of training to fit the schedule to'),
+        ('budget_tflop', 'training compute (TFLOP) to fit the schedule to'),
+        ('kd_teacher_tflop', "the distillation teacher's training compute (TFLOP)"),
+    ):
+        value = getattr(args, key)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+            raise ValueError(f'{key} {value!r}: {what}, or 0 for none.')
+        if value and key.startswith('budget') and args.sched == 'plateau':
+            raise ValueError(f'{key} needs a schedule of known length; the plateau schedule has none.')
+    if args.budget_tflop and args.kd_model_name and not args.kd_teacher_tflop:
+        raise ValueError(
+            f"budget_tflop with kd_model_name {args.kd_model_name}: the teacher's own training counts towards the "
+            "budget. Set kd_teacher_tflop to its training compute (its card's or args.yaml's train_tflop)."
+        )
     _check_counts(args)
     if isinstance(args.crop_off_epoch, bool) or not isinstance(args.crop_off_epoch, int) or args.crop_off_epoch < 0:
         raise ValueError(f'crop_off_epoch {args.crop_off_epoch!r}: an epoch number (0-based), or 0 to crop to the end.')
@@ -443,34 +468,6 @@ def _same(a: Any, b: Any) -> bool:
     if isinstance(a, float) or isinstance(b, float):
         return isinstance(a, (int, float)) and isinstance(b, (int, float)) and math.isclose(a, b, rel_tol=1e-9)
     return a == b
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# budget_minutes' rule: the schedule's length fitted to the pace so far, the epoch switches scaled with it
-
-# The fitted schedule assumes each epoch takes this much longer than the mean so far: a VM's pace drifts within a
-# run, and the epochs after the last refit are not measured.
-_BUDGET_MARGIN = 1.03
-
-
-def fit_to_budget(args: argparse.Namespace, epochs_done: int, elapsed_s: float) -> int:
-    """The schedule's length in epochs that ends within ``args.budget_minutes``, at the pace of the epochs so far."""
-    left = args.budget_minutes * 60 - elapsed_s
-    # the mean epoch so far, not the last one: a single epoch's pace can be far from the run's
-    fitted = epochs_done + max(0, math.floor(left / (elapsed_s / epochs_done * _BUDGET_MARGIN)))
-    if args.distributed:  # every process must run the same schedule: the primary's measurement decides
-        fitted_t = torch.tensor([fitted], dtype=torch.int64, device=args.device)
-        dist.broadcast(fitted_t, src=0)
-        fitted = int(fitted_t.item())
-    return fitted
-
-
-def set_epochs(args: argparse.Namespace, planned: dict[str, int], epochs: int) -> None:
-    """Give ``args`` a schedule of ``epochs``, with the recipe's (``planned``) epoch switches scaled to it."""
-    args.epochs = epochs
-    for key in ('crop_off_epoch', 'mixup_off_epoch'):  # from the recipe's values: no compound rounding
-        if planned[key]:
-            setattr(args, key, round(planned[key] * epochs / planned['epochs']))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -24,7 +24,6 @@ from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.models import load_pretrained, load_state_dict
 from timm.optim import create_optimizer_v2, optimizer_kwargs
-from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.scheduler.scheduler import Scheduler
 from timm.task import (
     ClassificationTask,
@@ -41,19 +40,18 @@ from timm.utils import (
 )
 from tqdm import tqdm
 
-from .amp import AutocastFactory, autocast_context
+from .amp import AutocastFactory, autocast_context, decide_cpu_amp
 from .augment import BatchAugment
+from .budget import create_scheduler, refit_to_budget, training_compute
 from .data import SmallImageDataset
 from .loader import BatchLoader, hold_out
 from .recipe import (
     check_resume,
     continue_in_place,
-    fit_to_budget,
     holds_run,
     resolve_lr,
     run_folder,
     save_epoch,
-    set_epochs,
     write_args,
 )
 from .smallvit import SmallViT, checkpoint_filter_fn
@@ -79,7 +77,6 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """
     device = init_distributed_device(args)  # torchrun: gloo on CPU, NCCL on CUDA
     torch.manual_seed(args.seed + args.rank)
-    amp_autocast = autocast_context(args, device)
     loss_scaler = NativeScaler() if args.amp and args.amp_dtype == 'float16' else None
     primary = is_primary(args)
     resolve_lr(args)  # before the resume check: a recipe's lr_base gives the lr the checkpoint recorded
@@ -99,14 +96,23 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if primary:
         n_params = sum(p.numel() for p in model.parameters())
         _logger.info(f'Model {args.model} created, {n_params:,} parameters, input {data_config["input_size"]}')
+    decide_cpu_amp(args, model, tuple(data_config['input_size']), device)  # bf16 only where this step runs faster
+    amp_autocast = autocast_context(args, device)
     loader_train, loader_eval = _create_loaders(args, data, resumed_args, data_config, in_chans, device)
     task, mixup_fn, optimizer, resume_epoch = _create_task(args, model, loss_scaler, device)
 
     updates_per_epoch = len(loader_train)
-    lr_scheduler, num_epochs = _create_scheduler(args, optimizer, updates_per_epoch)
+    images_per_epoch = updates_per_epoch * args.batch_size * args.world_size  # every batch full (drop_last)
+    planned = {k: getattr(args, k) for k in ('epochs', 'crop_off_epoch', 'mixup_off_epoch')}
+    teacher = getattr(task, 'teacher', None)  # timm's DistillationTeacher, under LogitDistillationTask
+    teacher_model = timm.utils.unwrap_model(teacher.model) if teacher is not None else None
+    in_shape = tuple(data_config['input_size'])
+    tflop = training_compute(args, model, in_shape, images_per_epoch, planned, teacher=teacher_model)
+    lr_scheduler, num_epochs = create_scheduler(args, optimizer, updates_per_epoch)
     start_epoch = _start_epoch(args, lr_scheduler, num_epochs, updates_per_epoch, resume_epoch)
     refit = bool(args.budget_minutes) and start_epoch == 0  # fit the schedule to budget_minutes as it goes
-    planned = {k: getattr(args, k) for k in ('epochs', 'crop_off_epoch', 'mixup_off_epoch')}
+    max_epochs = args.epochs  # the recipe's, or what budget_tflop allows: a time budget never trains more
+    wall_before = float(resumed_args.get('train_wall_s') or 0.0)  # a resumed run adds to the time already trained
     saver = None
     if output_dir is not None:  # the primary process writes the run
         saver = _create_saver(args, task, optimizer, loss_scaler, output_dir, start_epoch)
@@ -125,13 +131,18 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             num_epochs=num_epochs, output_dir=output_dir
         )  # fmt: skip
         train_time = time.perf_counter() - t_epoch
-        seen = updates_per_epoch * args.batch_size * args.world_size  # every batch full (drop_last), every process
+        seen = images_per_epoch
+        # the compute of every epoch so far, whatever this process resumed from: summary.csv's train_tflop column
+        train_metrics['tflop'] = tflop['spent'] + (epoch + 1) * tflop['per_epoch']
+        args.train_tflop = round(train_metrics['tflop'], 3)
+        args.train_wall_s = round(wall_before + time.perf_counter() - t_start, 1)
         lrs = [group['lr'] for group in optimizer.param_groups]  # the lr the epoch trained at, before any refit
         if refit:  # before the evaluation decision: an epoch that a refit makes the last is evaluated like any last
             elapsed = time.perf_counter() - t_start
-            lr_scheduler, num_epochs = _refit_to_budget(
-                args, planned, optimizer, lr_scheduler, updates_per_epoch, epoch, num_epochs, elapsed, output_dir
-            )
+            lr_scheduler, num_epochs = refit_to_budget(
+                args, planned, max_epochs, optimizer, lr_scheduler, updates_per_epoch, epoch, num_epochs, elapsed,
+                output_dir,
+            )  # fmt: skip
         metric: float | None = None  # the epoch's eval_metric, None after an epoch that val_interval skips
         # train.py's --val-interval: no evaluation, summary row or checkpoint after the epochs it skips
         evaluated = (epoch + 1) % args.val_interval == 0 or epoch + 1 == num_epochs
@@ -149,6 +160,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                 best_metric, best_epoch = save_epoch(
                     saver, output_dir, epoch, train_metrics, eval_metrics, lr=sum(lrs) / len(lrs), metric=metric
                 )
+                write_args(output_dir, args)  # the compute and time trained so far, as the checkpoint records them
         if primary:
             _log_epoch(args, epoch, num_epochs, train_metrics, eval_metrics if evaluated else None, train_time, seen)
         if evaluated:
@@ -296,7 +308,8 @@ def _log_epoch(
     train_time: float,
     seen: int,
 ) -> None:
-    line = f'epoch {epoch + 1}/{num_epochs}  train loss {train_metrics["loss"]:.4f}  '
+    tflop, loss = train_metrics['tflop'], train_metrics['loss']
+    line = f'epoch {epoch + 1}/{num_epochs}  {tflop:.1f} TFLOP  train loss {loss:.4f}  '
     if eval_metrics is None:
         line += f'(not evaluated: val_interval {args.val_interval})  '
     else:
@@ -404,6 +417,7 @@ def _create_loaders(
         shuffle=True,
         drop_last=True,
         seed=args.seed,
+        alternate_flips=args.alternate_flips,
         **common,
     )
     loader_eval = BatchLoader(eval_x, eval_y, args.validation_batch_size or args.batch_size, **common)
@@ -536,57 +550,6 @@ def _create_saver(
         continue_in_place(output_dir, saver, Path(args.resume), start_epoch)
     write_args(output_dir, args)
     return saver
-
-
-def _refit_to_budget(
-    args: argparse.Namespace,
-    planned: dict[str, int],
-    optimizer: torch.optim.Optimizer,
-    lr_scheduler: Scheduler | None,
-    updates_per_epoch: int,
-    epoch: int,
-    num_epochs: int,
-    elapsed: float,
-    output_dir: Path | None,
-) -> tuple[Scheduler | None, int]:
-    """The schedule (and its epochs) that fits ``args.budget_minutes``, after ``epoch`` trains, before its evaluation.
-
-    The pace is the mean epoch so far, with the evaluations before this epoch's. A new schedule changes ``args`` (epochs
-    and the epoch switches) and the run's args.yaml.
-    """
-    # After each epoch from the second, the pace so far says how many epochs fit the budget. Refits stop before
-    # the last fifth and before crop/mixup switch off: late in a cosine a change of length would jolt the low lr.
-    switches = [args.crop_off_epoch or num_epochs, args.mixup_off_epoch or num_epochs]
-    if not (epoch >= 1 and epoch + 1 < min(0.8 * num_epochs, *switches)):
-        return lr_scheduler, num_epochs
-    extra = num_epochs - args.epochs  # cooldown epochs the scheduler factory added
-    fitted = min(fit_to_budget(args, epoch + 1, elapsed), planned['epochs'] + extra)
-    if fitted == num_epochs:
-        return lr_scheduler, num_epochs
-    before = num_epochs
-    set_epochs(args, planned, max(fitted - extra, 1))
-    # the optimizer keeps its initial_lr, so the new schedule starts from the same base (no metric: a budget refuses
-    # the plateau schedule, the one schedule that reads it)
-    lr_scheduler, num_epochs = _create_scheduler(args, optimizer, updates_per_epoch)
-    lr_scheduler.step(epoch + 1)
-    lr_scheduler.step_update(num_updates=(epoch + 1) * updates_per_epoch)
-    if output_dir is not None:  # the primary process
-        write_args(output_dir, args)  # a resume continues the fitted schedule
-        _logger.info(
-            f'budget_minutes {args.budget_minutes}: {epoch + 1} epochs in {elapsed:.0f} s, '
-            f'{num_epochs} epochs in all instead of {before}'
-            + (f' (crop_off_epoch {args.crop_off_epoch})' if args.crop_off_epoch else '')
-        )
-    return lr_scheduler, num_epochs
-
-
-def _create_scheduler(args: argparse.Namespace, optimizer: torch.optim.Optimizer, updates_per_epoch: int):
-    """timm's scheduler for ``args`` and the number of epochs it runs (cooldown included)."""
-    return create_scheduler_v2(
-        optimizer,
-        **scheduler_kwargs(args, decreasing_metric=args.eval_metric == 'loss'),
-        updates_per_epoch=updates_per_epoch,
-    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
