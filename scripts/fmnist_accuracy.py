@@ -1,11 +1,12 @@
-"""Train shipped recipes on Fashion-MNIST and plot test top-1 against training wall time.
+"""Train shipped recipes on Fashion-MNIST and plot test top-1 against training compute (TFLOP) and wall time.
 
     python scripts/fmnist_accuracy.py --data ../shared/data/fashion-mnist --recipes fashion_mnist_demo fashion_mnist_28
 
 Each recipe runs with `smallvit train`'s trainer, as `smallvit train --config NAME` would; its test top-1 is
 measured after every evaluated epoch (each val_interval-th and the last), on the EMA weights when the recipe keeps
 an EMA; with each image and its mirror when it sets eval_hflip, and then also single-view. Writes results.json,
-results.md and accuracy_vs_time.png to --out; `--replot` redraws the table and plot from an earlier results.json.
+results.md, accuracy_vs_tflop.png (single view against the training compute counted: the same on any machine) and
+accuracy_vs_time.png (against this machine's wall time) to --out; `--replot` redraws them from results.json.
 """
 
 import argparse
@@ -47,18 +48,25 @@ def main() -> None:
                 )
                 result = train(run_args)
                 # epochs as trained: a recipe with budget_minutes fits them to this machine's speed
-                epochs, amp = result['args'].epochs, bool(result['args'].amp)
+                trained = result['args']
                 runs.append(
                     dict(
-                        recipe=name, model=recipe['model'], seed=seed, epochs=epochs, amp=amp, history=result['history']
+                        recipe=name,
+                        model=recipe['model'],
+                        seed=seed,
+                        epochs=trained.epochs,
+                        amp=bool(trained.amp),
+                        gflop_per_image=trained.train_gflop_per_image,
+                        device=trained.train_device,
+                        history=result['history'],
                     )
                 )
                 (out / 'results.json').write_text(json.dumps(runs, indent=2))
 
     lines = [
-        '| recipe | model | seed | compute | epochs | training time (s) | test top-1 (%) | best epoch top-1 (%) '
-        '| top-1 at 30 min (%) | single view at 30 min (%) |',
-        '|---|---|---|---|---|---|---|---|---|---|',
+        '| recipe | model | seed | compute | TFLOP | epochs | training time (s) | test top-1 (%) '
+        '| best epoch top-1 (%) | top-1 at 30 min (%) | single view at 30 min (%) |',
+        '|---|---|---|---|---|---|---|---|---|---|---|',
     ]
     for run in runs:
         history = run['history']
@@ -67,12 +75,27 @@ def main() -> None:
         # with eval_hflip, top1 is each image with its mirror and top1_single the image alone; else they are one
         single = in_budget[-1].get('top1_single', in_budget[-1]['top1'])
         lines.append(
-            f'| `{run["recipe"]}` | `{run["model"]}` | {run.get("seed", "")} | {_compute(run)} | {run["epochs"]} '
+            f'| `{run["recipe"]}` | `{run["model"]}` | {run.get("seed", "")} | {_compute(run)} '
+            f'| {_tflop(last)} | {run["epochs"]} '
             f'| {last["wall_time"]:.0f} '
             f'| {last["top1"]:.2f} | {best:.2f} | {in_budget[-1]["top1"]:.2f} | {single:.2f} |'
         )
     (out / 'results.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
+
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
+    for run in runs:
+        points = [(h['tflop'], h.get('top1_single', h['top1'])) for h in run['history'] if 'tflop' in h]
+        if points:
+            label = f'{Path(run["recipe"]).stem}, seed {run.get("seed", "?")}, {_compute(run)}'
+            ax.plot(*zip(*points, strict=True), marker='o', markersize=3, label=label)
+    ax.axhline(95.0, color='grey', linestyle=':', linewidth=1, label='95.0%')
+    ax.set(xlabel='training compute (TFLOP, counted)', ylabel='test top-1, single view (%)', title='Fashion-MNIST')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / 'accuracy_vs_tflop.png', dpi=120)
 
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
@@ -90,6 +113,10 @@ def main() -> None:
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / 'accuracy_vs_time.png', dpi=120)
+
+
+def _tflop(row: dict) -> str:
+    return f'{row["tflop"]:.1f}' if 'tflop' in row else '-'  # runs from before the trainer counted compute
 
 
 def _compute(run: dict) -> str:

@@ -50,6 +50,10 @@ def test_accuracy_script_trains_a_recipe_and_plots_it(tmp_path, fmnist_src, monk
     assert f'| 2 | {last["wall_time"]:.0f} | {last["top1"]:.2f} |' in table
     assert table.splitlines()[-1].endswith(f'| {last["top1"]:.2f} | {last["top1_single"]:.2f} |')  # at 30 min
     assert (out / 'accuracy_vs_time.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    # the machine-independent axis: compute counted by the trainer, two epochs of 512 images each
+    assert last['tflop'] == pytest.approx(2 * 512 * runs[0]['gflop_per_image'] / 1e3)
+    assert f'| {last["tflop"]:.1f} | 2 | {last["wall_time"]:.0f} |' in table
+    assert (out / 'accuracy_vs_tflop.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 
     # --replot redraws from results.json alone, without data or training
     (out / 'results.md').unlink()

@@ -70,7 +70,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     Returns:
         output_dir, eval_metrics (last epoch), best_metric/best_epoch, history (the metrics of each evaluated epoch,
-        with cumulative wall time), model (the evaluated module, EMA if any, unwrapped), data_config, args.
+        with cumulative wall time and training TFLOP), model (the evaluated module, EMA if any, unwrapped), data_config,
+        args.
 
     Raises:
         NonFiniteLossError: when the loss stops being finite; checkpoints from earlier epochs are kept.
@@ -120,7 +121,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
     eval_metrics: dict[str, float] = {}
     best_metric = best_epoch = None
-    history: list[dict[str, float]] = []  # per evaluated epoch, with cumulative wall time (accuracy-vs-time plots)
+    history: list[dict[str, float]] = []  # per evaluated epoch, cumulative wall time and TFLOP (accuracy plots)
     t_start = time.perf_counter()
     epoch = start_epoch
     while epoch < num_epochs:  # budget_minutes can change num_epochs as the run goes
@@ -166,7 +167,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         if evaluated:
             timing = dict(wall_time=time.perf_counter() - t_start, train_time=train_time, train_images=seen)
             history.append(
-                dict(epoch=epoch, **timing, eval_time=eval_time, train_loss=train_metrics['loss'], **eval_metrics)
+                dict(epoch=epoch, **timing, eval_time=eval_time, tflop=train_metrics['tflop'])
+                | dict(train_loss=train_metrics['loss'], **eval_metrics)
             )
         if lr_scheduler is not None:
             lr_scheduler.step(epoch + 1, metric)  # after a refit, the step it made already: the same lr again
