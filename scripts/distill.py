@@ -7,7 +7,9 @@
 2. writes the teacher's weights (its EMA when the recipe keeps one: the weights it was evaluated with) as a timm
    folder with timm's save_for_hf, which timm.create_model('local-dir:<folder>', pretrained=True) loads;
 3. trains the student recipe with ``kd_model_name: local-dir:<folder>`` plus the --set overrides: timm.task's
-   LogitDistillationTask adds the KL divergence to the teacher's softened logits to the student's loss;
+   LogitDistillationTask adds the KL divergence to the teacher's softened logits to the student's loss. The
+   teacher's training compute (its args.yaml's train_tflop) is the student's ``kd_teacher_tflop``: with
+   ``budget_tflop`` the two runs share one budget, and the student's logged TFLOP include the teacher's;
 4. writes results.json and results.md: each run's test top-1 after every epoch, wall times, and the student's top-1
    at 30 minutes (issue 6's budget); with a recipe that sets eval_hflip, top-1 is with the mirror and the table adds
    the single-view top-1.
@@ -64,6 +66,7 @@ def _summary(name: str, history: list[dict]) -> dict:
         top1_single=history[-1].get('top1_single', history[-1]['top1']),
         best_top1=max(h['top1'] for h in history),
         top1_at_30min=in_budget[-1] if in_budget else None,
+        tflop=history[-1].get('tflop'),
         history=history,
     )
 
@@ -73,6 +76,7 @@ def _history(run_dir: Path) -> list[dict]:
     rows = read_summary(run_dir / 'summary.csv')
     return [
         dict(epoch=int(r['epoch']), top1=r['eval_top1'], top1_single=r.get('eval_top1_single', r['eval_top1']))
+        | ({'tflop': r['train_tflop']} if 'train_tflop' in r else {})
         for r in rows
     ]
 
@@ -84,6 +88,7 @@ def main() -> None:
     parser.add_argument('--teacher-run', help="a finished teacher run's folder (args.yaml, last.pth.tar) instead")
     parser.add_argument('--student', default='fashion_mnist_28', help='student recipe (name or YAML path)')
     parser.add_argument('--set', nargs='*', action=ParseKwargs, default={}, metavar='KEY=VALUE', help='student keys')
+    parser.add_argument('--teacher-set', nargs='*', action=ParseKwargs, default={}, metavar='KEY=VALUE')
     parser.add_argument('--out', default='results/distill', help='output folder')
     args = parser.parse_args()
     setup_default_logging()  # the trainer reports each epoch through logging, as `smallvit train` shows it
@@ -95,9 +100,8 @@ def main() -> None:
     results = []
 
     if args.teacher:
-        teacher_args = resolve_args(
-            load_recipe(recipe_path(args.teacher)), data_dir=args.data, output=str(out / 'runs'), experiment='teacher'
-        )
+        teacher_recipe = dict(load_recipe(recipe_path(args.teacher)), **args.teacher_set)
+        teacher_args = resolve_args(teacher_recipe, data_dir=args.data, output=str(out / 'runs'), experiment='teacher')
         teacher = train(teacher_args)
         teacher_run = teacher['output_dir']
         results.append(_summary('teacher', teacher['history']))
@@ -107,21 +111,25 @@ def main() -> None:
     folder = save_teacher(teacher_run, out / 'teacher')
 
     recipe = load_recipe(recipe_path(args.student))
-    recipe.update(args.set, kd_model_name=f'local-dir:{folder.resolve()}')
+    # the teacher's training counts towards the student's compute (a run from before it was counted: none recorded)
+    teacher_tflop = yaml.safe_load((teacher_run / 'args.yaml').read_text()).get('train_tflop') or 0
+    recipe.update({'kd_teacher_tflop': teacher_tflop, **args.set}, kd_model_name=f'local-dir:{folder.resolve()}')
     student_args = resolve_args(recipe, data_dir=args.data, output=str(out / 'runs'), experiment='student')
     student = train(student_args)
     results.append(_summary('student', student['history']))
     (out / 'results.json').write_text(json.dumps(dict(teacher_run=str(teacher_run), runs=results), indent=1))
 
     lines = [
-        '| run | epochs | wall time (s) | test top-1 (%) | single view (%) | best epoch (%) | top-1 at 30 min (%) |',
-        '|---|---|---|---|---|---|---|',
+        '| run | epochs | TFLOP (cumulative) | wall time (s) | test top-1 (%) | single view (%) | best epoch (%) '
+        '| top-1 at 30 min (%) |',
+        '|---|---|---|---|---|---|---|---|',
     ]
     for r in results:
         wall = f'{r["wall_time"]:.0f}' if r['wall_time'] is not None else '-'
         at_30 = f'{r["top1_at_30min"]:.2f}' if r['top1_at_30min'] is not None else '-'
+        tflop = f'{r["tflop"]:.1f}' if r.get('tflop') is not None else '-'
         top1 = f'{r["top1"]:.2f} | {r["top1_single"]:.2f}'
-        lines.append(f'| {r["run"]} | {r["epochs"]} | {wall} | {top1} | {r["best_top1"]:.2f} | {at_30} |')
+        lines.append(f'| {r["run"]} | {r["epochs"]} | {tflop} | {wall} | {top1} | {r["best_top1"]:.2f} | {at_30} |')
     (out / 'results.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
 

@@ -160,6 +160,11 @@ def test_distill_script_trains_a_cnn_teacher_then_a_student_from_its_folder(tmp_
     student_args = yaml.safe_load((out / 'runs' / 'student' / 'args.yaml').read_text())
     assert student_args['kd_model_name'] == f'local-dir:{folder.resolve()}'
     assert student_args['kd_temperature'] == 2.0 and student_args['epochs'] == 1
+    # the teacher's training compute counts towards the student's: one epoch of the teacher's, then the student's own
+    teacher_args = yaml.safe_load((out / 'runs' / 'teacher' / 'args.yaml').read_text())
+    assert student_args['kd_teacher_tflop'] == teacher_args['train_tflop'] > 0
+    own = student_args['train_gflop_per_image'] * 512 / 1e3
+    assert student_args['train_tflop'] == pytest.approx(teacher_args['train_tflop'] + own, abs=2e-3)
     results = json.loads((out / 'results.json').read_text())
     assert [r['run'] for r in results['runs']] == ['teacher', 'student']
     table = (out / 'results.md').read_text()
