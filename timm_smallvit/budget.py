@@ -183,4 +183,5 @@ def device_name(device: torch.device) -> str:
             if line.startswith('model name'):
                 name = line.partition(':')[2].strip()
                 break
-    return f'{name}, {torch.get_num_threads()} threads (CPU)'
+    threads = torch.get_num_threads()
+    return f'{name}, {threads} thread{"s" if threads != 1 else ""} (CPU)'
