@@ -10,7 +10,9 @@
 
 The metadata (``metadata_props``, each value JSON) carries what timm's eval transform needs (``input_size``,
 ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``), the ``architecture`` and the ``label_names``: a user
-with only the ``.onnx`` file preprocesses and labels as ``smallvit predict`` does.
+with only the ``.onnx`` file preprocesses and labels as ``smallvit predict`` does. They are checked before they are
+written, as every reader checks them (:mod:`timm_smallvit.preprocess`). The work happens in
+``smallvit-onnx-<pid>-*`` folders of the temp dir; each export removes those that killed runs left.
 """
 
 from __future__ import annotations

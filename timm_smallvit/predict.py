@@ -116,7 +116,8 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
         for file in files:
             st = file.stat()
             found.setdefault((st.st_dev, st.st_ino), file)  # a second name of a file already found: not again
-    skipped = list(dict.fromkeys(links))
+    # the links that would have counted: to an image file, or to a folder
+    skipped = [p for p in dict.fromkeys(links) if p.suffix.lower() in extensions or p.is_dir()]
     if skipped:
         _logger.warning(
             'Skipped %d symbolic link(s) inside the folders and patterns searched (%s%s): links there are not '
