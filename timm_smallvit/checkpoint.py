@@ -7,7 +7,8 @@
     model_from_checkpoint   both, for prediction: the eval-mode model with the run's labels and preprocessing
 
 Nothing else is unpickled: ``torch.load(weights_only=True)`` allows only the ``argparse.Namespace`` that timm's
-train.py stores under 'args'.
+train.py stores under 'args'. Every record of the checkpoint's zip is read against its CRC-32 first (torch.load does
+not check it), and the labels and preprocessing in its args go through :mod:`timm_smallvit.preprocess`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ import torch.nn as nn
 from timm.models import load_state_dict
 from timm.utils import load_checkpoint_metadata
 
+from ._files import check_zip
 from .data import FASHION_MNIST_CLASSES
+from .preprocess import check_data_config, check_label_names
 from .smallvit import SmallViT
 
 __all__ = [
@@ -65,10 +68,10 @@ def model_from_checkpoint(path: Path) -> SmallViT:
     # the EMA weights, when there are any, are what the trainer evaluated
     state_dict, info = read_checkpoint(path, use_ema=True, ema_required=False)
     model, _ = rebuild_model(state_dict, info['args'], None, None, source=path)
-    labels = labels_from_args(info['args'], model.num_classes)
+    labels = labels_from_args(info['args'], model.num_classes, source=str(path))
     if labels:
         model.pretrained_cfg = dict(model.pretrained_cfg, label_names=labels)
-    data_config = data_config_from_args(info['args'])
+    data_config = data_config_from_args(info['args'], source=str(path), in_chans=model.in_chans)
     if data_config:  # preprocess as the run was trained
         model.pretrained_cfg.update({k: tuple(v) if isinstance(v, list) else v for k, v in data_config.items()})
     return model.eval()
@@ -96,6 +99,7 @@ def read_checkpoint(
         except Exception as e:  # safetensors raises SafetensorError, OSError or ValueError on bad files
             raise ValueError(f'{path} is not a readable safetensors file ({e}). Is it truncated?') from e
 
+    check_zip(path)  # a flipped byte in the tensors would load silently: torch.load does not check the CRC
     ckpt = _torch_read(path, load_checkpoint_metadata)
     if not isinstance(ckpt, dict):
         raise ValueError(f'{path} holds a {type(ckpt).__name__}, not a checkpoint dict or a state dict.')
@@ -293,17 +297,36 @@ def check_architecture(name: Any, what: str) -> None:
         )
 
 
-def labels_from_args(args: dict[str, Any], num_classes: int) -> tuple[str, ...] | None:
-    """The class names the run trained on (its label_names), else those of the dataset it names, if num_classes."""
+def labels_from_args(
+    args: dict[str, Any], num_classes: int, source: str = 'the training args'
+) -> tuple[str, ...] | None:
+    """The class names the run trained on (its label_names, checked), else those of the dataset it names, if
+    num_classes.
+
+    Args:
+        args: The training args.
+        num_classes: The model's classes.
+        source: What the args were read from (a checkpoint), named in errors.
+    """
     labels = args.get('label_names')
-    if not (isinstance(labels, (list, tuple)) and all(isinstance(n, str) for n in labels)):
-        labels = dataset_info(args.get('dataset'))[2]
+    if labels is not None:
+        return tuple(check_label_names(labels, source=f'{source}: training args', num_classes=num_classes) or ())
+    labels = dataset_info(args.get('dataset'))[2]
     return tuple(labels) if labels is not None and len(labels) == num_classes else None
 
 
-def data_config_from_args(args: dict[str, Any]) -> dict[str, Any]:
-    """The preprocessing the training args set (mean, std, interpolation, crop_pct, input size)."""
-    return {k: args[k] for k in _DATA_KEYS if args.get(k) not in (None, '', [])}
+def data_config_from_args(
+    args: dict[str, Any], source: str = 'the training args', in_chans: int | None = None
+) -> dict[str, Any]:
+    """The preprocessing the training args set (mean, std, interpolation, crop_pct, input size), checked.
+
+    Args:
+        args: The training args.
+        source: What they were read from (a checkpoint), named in errors.
+        in_chans: The model's input channels.
+    """
+    given = {k: args[k] for k in _DATA_KEYS if args.get(k) not in (None, '', [])}
+    return check_data_config(given, source=f'{source}: training args', in_chans=in_chans)
 
 
 def dataset_info(dataset: Any) -> tuple[str | None, str | None, tuple[str, ...] | None]:

@@ -4,13 +4,25 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
+
+from ._terminal import printable
 
 __all__ = ['main']
 
 
-def _setup_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format='%(message)s')
+class _EscapingFormatter(logging.Formatter):
+    """Log lines with what they quote from data (paths, labels) escaped for the terminal."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return printable(super().formatMessage(record))
+
+
+def _setup_logging(level: int = logging.INFO) -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_EscapingFormatter('%(message)s'))
+    logging.basicConfig(level=level, handlers=[handler])  # a no-op where logging is set up already (tests, apps)
     noisy_loggers = ('timm.utils.checkpoint_saver', 'timm.task', 'timm.models._builder', 'timm.models._helpers')
     for noisy in (*noisy_loggers, 'timm.models._hub'):
         logging.getLogger(noisy).setLevel(logging.WARNING)
@@ -22,15 +34,16 @@ def _train(args: argparse.Namespace) -> int:
     from .trainer import train
 
     _setup_logging()
-    recipe = load_recipe(recipe_path(args.config))
+    path = recipe_path(args.config)
+    recipe = load_recipe(path)
     overrides = dict(args.set or {})
     for key in ('data_dir', 'output', 'experiment', 'resume'):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
-    result = train(resolve_args(recipe, **overrides))
+    result = train(resolve_args(recipe, source=f'{path}{" with --set" if args.set else ""}', **overrides))
     if result['output_dir'] is not None:
         metrics = result['eval_metrics']
-        print(f'top-1 {metrics["top1"]:.2f}%  top-5 {metrics["top5"]:.2f}%  run: {result["output_dir"]}')
+        print(f'top-1 {metrics["top1"]:.2f}%  top-5 {metrics["top5"]:.2f}%  run: {printable(result["output_dir"])}')
     return 0
 
 
@@ -46,13 +59,12 @@ def _recipes(args: argparse.Namespace) -> int:
     from .launch import list_recipes
 
     for name, path in sorted(list_recipes().items()):
-        print(f'{name:<24} {path}')
+        print(f'{printable(name):<24} {printable(path)}')
     return 0
 
 
 def _train_py(args: argparse.Namespace) -> int:
     import subprocess
-    from pathlib import Path
 
     import torch
 
@@ -72,19 +84,23 @@ def _train_py(args: argparse.Namespace) -> int:
     if slow_bf16:
         # train.py takes amp as given (its --amp cannot be switched off from the command line)
         print(
-            f'warning: {args.recipe} sets amp: true, and {slow_bf16}: train.py would train in bf16, slower than '
-            'float32. Run a copy of the recipe without its amp lines, or `smallvit train`, which falls back to '
-            'float32.',
+            printable(
+                f'warning: {args.recipe} sets amp: true, and {slow_bf16}: train.py would train in bf16, slower than '
+                'float32. Run a copy of the recipe without its amp lines, or `smallvit train`, which falls back to '
+                'float32.'
+            ),
             file=sys.stderr,
         )
     unused = {k: v for k, v in recipe.items() if k in QUICK_TRAINER_KEYS and v != QUICK_TRAINER_KEYS[k]}
     if unused:
         # train.py's --config turns every key into a default, so it would take these silently and do nothing
         print(
-            f'warning: {args.recipe} sets {", ".join(f"{k}: {v}" for k, v in unused.items())}, which only '
-            "`smallvit train` honours: timm's train.py has no such argument and runs the recipe without it ("
-            + '; '.join(f'{k}: {TRAIN_PY_WITHOUT[k]}' for k in unused)
-            + ').',
+            printable(
+                f'warning: {args.recipe} sets {", ".join(f"{k}: {v}" for k, v in unused.items())}, which only '
+                "`smallvit train` honours: timm's train.py has no such argument and runs the recipe without it ("
+                + '; '.join(f'{k}: {TRAIN_PY_WITHOUT[k]}' for k in unused)
+                + ').'
+            ),
             file=sys.stderr,
         )
     command = train_py_command(
@@ -133,6 +149,7 @@ def _run(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from .export import export_checkpoint
 
+    _setup_logging(logging.WARNING)
     write_onnx = None
     if args.onnx:
         from .onnx_export import export_onnx
@@ -150,13 +167,14 @@ def _export(args: argparse.Namespace) -> int:
         summary=args.summary,
         write_onnx=write_onnx,
     )
-    print(f'Exported to {out}')
+    print(f'Exported to {printable(out)}')
     return 0
 
 
 def _push(args: argparse.Namespace) -> int:
     from .hub import push_to_hub
 
+    _setup_logging(logging.WARNING)
     commit = push_to_hub(
         args.out_dir,
         args.repo_id,
@@ -165,13 +183,12 @@ def _push(args: argparse.Namespace) -> int:
         commit_message=args.commit_message,
         allow_edited_card=args.allow_edited_card,
     )
-    print(f'Pushed {args.out_dir} to {args.repo_id}: {commit.commit_url}')
+    print(f'Pushed {printable(args.out_dir)} to {printable(args.repo_id)}: {printable(commit.commit_url)}')
     return 0
 
 
 def _predict(args: argparse.Namespace) -> int:
     import json
-    from pathlib import Path
 
     from ._files import write_atomically
     from .predict import find_images, load_model, predict
@@ -180,8 +197,8 @@ def _predict(args: argparse.Namespace) -> int:
     if args.top_k < 1 or args.batch_size < 1:
         raise ValueError(f'--top-k {args.top_k}, --batch-size {args.batch_size}: both must be at least 1.')
     paths = find_images(args.images)  # every input named is checked before the model loads or anything is written
-    if args.json and Path(args.json).exists() and not args.overwrite:
-        raise FileExistsError(f'--json {_printable(args.json)} already exists: choose a new file, or pass --overwrite.')
+    if args.json:
+        _check_json_destination(Path(args.json), args.overwrite)
     if args.model.lower().endswith('.onnx'):
         records = _predict_onnx(args, paths)
     else:
@@ -190,16 +207,29 @@ def _predict(args: argparse.Namespace) -> int:
     for record in records:
         if 'error' in record:
             continue
-        top = ', '.join(f'{p["label"]} {p["probability"]:.3f}' for p in record['predictions'])
-        print(f'{_printable(record["file"])}: {top}')
+        top = ', '.join(f'{printable(p["label"])} {p["probability"]:.3f}' for p in record['predictions'])
+        print(f'{printable(record["file"])}: {top}')
     if args.json:
         write_atomically(args.json, lambda tmp: Path(tmp).write_text(''.join(json.dumps(r) + '\n' for r in records)))
     failed = [r for r in records if 'error' in r]
     for record in failed:
-        print(f'smallvit predict: error: {_printable(record["file"])}: {record["error"]}', file=sys.stderr)
+        print(f'smallvit predict: error: {printable(record["file"])}: {printable(record["error"])}', file=sys.stderr)
     if failed:
         print(f'smallvit predict: {len(failed)} of {len(records)} files could not be read', file=sys.stderr)
     return 1 if failed else 0
+
+
+def _check_json_destination(path: Path, overwrite: bool) -> None:
+    # before any image is read: a destination that cannot be written would fail only after all were predicted
+    from ._files import check_writable_folder
+
+    if path.is_dir():
+        raise IsADirectoryError(f'--json {printable(path)}: is a folder; name the file to write.')
+    if path.exists() and not overwrite:
+        raise FileExistsError(f'--json {printable(path)} already exists: choose a new file, or pass --overwrite.')
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f'--json {printable(path)}: no folder {printable(path.parent)} to write it in.')
+    check_writable_folder(path.parent, f'--json {printable(path)}')
 
 
 def _predict_onnx(args: argparse.Namespace, paths: list) -> list[dict]:
@@ -221,13 +251,8 @@ def _onnx(args: argparse.Namespace) -> int:
     check_output_path(args.out, args.overwrite)  # before the model loads: a bad OUT costs nothing
     path = export_onnx(load_model(args.model), args.out, quantize=args.quantize, overwrite=args.overwrite)
     kind = f'{args.quantize} ' if args.quantize else ''
-    print(f'Exported {args.model} to {path} ({kind}ONNX, checked with onnxruntime)')
+    print(f'Exported {printable(args.model)} to {printable(path)} ({kind}ONNX, checked with onnxruntime)')
     return 0
-
-
-def _printable(name: object) -> str:
-    # a file name may hold a newline or a terminal escape: shown escaped, it cannot forge a line of the output
-    return ''.join(c if c.isprintable() else c.encode('unicode_escape').decode('ascii') for c in str(name))
 
 
 def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
@@ -369,7 +394,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except (ValueError, OSError, FloatingPointError) as e:  # bad input, missing token, Hub errors, NaN loss
-        print(f'smallvit {args.command}: error: {e}', file=sys.stderr)
+        # the message may quote a path, a label or a value from a file: escaped, it stays one line and acts as nothing
+        print(f'smallvit {args.command}: error: {printable(e)}', file=sys.stderr)
         return 1
 
 

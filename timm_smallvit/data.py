@@ -41,6 +41,7 @@ from torchvision.datasets.utils import calculate_md5, check_integrity
 from tqdm import tqdm
 
 from ._files import disk_full_error, is_disk_full, write_atomically
+from .preprocess import to_model_mode
 
 __all__ = [
     'CIFAR10_CLASSES',
@@ -93,7 +94,7 @@ IMAGE_EXTENSIONS: tuple[str, ...] = tuple(dict.fromkeys((*get_img_extensions(), 
 # a dataset whose decoded tensors would take more than this share of the machine's memory is refused
 MEMORY_SHARE = 0.5
 _READ_ONLY = (errno.EACCES, errno.EPERM, errno.EROFS)
-_DECODE_VERSION = 2  # part of every cache key: a change to how images are decoded decodes them again
+_DECODE_VERSION = 3  # part of every cache key: a change to how images are decoded decodes them again
 
 
 def default_cache_dir() -> Path:
@@ -557,18 +558,12 @@ def _read_class_map(class_map: str, root: Path, train_folder: Path, found: dict[
 def _open_image(path: Path, mode: str) -> Image.Image:
     try:
         with Image.open(path) as img:
-            # as timm's ImageDataset reads it (convert also loads the pixels), 16-bit images scaled, not clipped
-            return (_to_8_bits(img) if img.mode.startswith('I;16') else img).convert(mode)
+            # as timm's ImageDataset reads it, but 16-bit images scaled, not clipped (predict converts with it too)
+            return to_model_mode(img, mode)
     except Image.DecompressionBombError as e:
         raise ValueError(f'{path}: refused as a decompression bomb ({e}). Shrink it, or remove it.') from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as e:  # Pillow's errors for bad files
         raise ValueError(f'{path}: not a readable image ({e}). Replace or remove it.') from None
-
-
-def _to_8_bits(img: Image.Image) -> Image.Image:
-    # convert('L') clips 16-bit values at 255 (a nearly white image): scale 0-65535 to 0-255, rounded
-    wide = np.asarray(img).astype(np.uint32)
-    return Image.fromarray(((wide * 255 + 32767) // 65535).astype(np.uint8))
 
 
 def _decode(
@@ -587,7 +582,7 @@ def _decode(
                                   mininterval=1.0, leave=False)):  # fmt: skip
         img = load()
         if img.mode != mode:
-            img = img.convert(mode)
+            img = to_model_mode(img, mode)
         if img.size != (size[1], size[0]):
             img = img.resize((size[1], size[0]), resample)  # Pillow's resize is antialiased when it shrinks
         array = torch.from_numpy(np.array(img, dtype=np.uint8))

@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 import uuid
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -28,7 +27,7 @@ from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 from timm.models import save_for_hf
 
-from ._files import disk_full_error, is_disk_full
+from ._files import disk_full_error, is_disk_full, remove_stale_folders
 from .card import read_summary, render_model_card, single_view
 from .checkpoint import (
     check_finite,
@@ -66,6 +65,9 @@ EXPORT_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME, CURVE_NAME, GRID_NAME, ONN
 # an export in progress (or killed) lives in .<out name>.export-<pid>-<random> beside the out folder
 _TMP_NAME = re.compile(r'\..+\.export-(?:(?P<pid>\d+)-[a-z0-9_]{8}|[a-z0-9_]{8})')
 _STALE_AFTER_S = 15 * 60  # a temp folder without a pid (older versions) is left alone for this long
+# what such a folder may hold: the export's files, and the temporary names they are written under (write_atomically's
+# .<name>.<8 random characters>, left by a kill while model.onnx was copied in)
+_TMP_FILES = re.compile(r'(?P<name>{0})|\.(?:{0})\.[a-z0-9_]{{8}}'.format('|'.join(map(re.escape, EXPORT_FILES))))
 
 
 def export_checkpoint(
@@ -78,7 +80,7 @@ def export_checkpoint(
     overwrite: bool = False,
     repo_id: str | None = None,
     summary: str | os.PathLike | None = None,
-    write_onnx: Callable[[SmallViT, Path], Any] | None = None,
+    write_onnx: Callable[[torch.nn.Module, Path], Any] | None = None,
 ) -> Path:
     """Write a folder that timm loads (and the Hub shows) from a smallvit training checkpoint.
 
@@ -159,13 +161,14 @@ def _write_export(
     *,
     model_ref: str,
     model_name: str,
-    write_onnx: Callable[[SmallViT, Path], Any] | None = None,
+    write_onnx: Callable[[torch.nn.Module, Path], Any] | None = None,
 ) -> None:
     """The export's files in folder: weights and config (checked by loading them back), figures, then the card."""
     args = info['args']
-    labels = labels_from_args(args, model.num_classes)
+    # checked as every reader checks them: nothing is written that predict or a pull would refuse
+    labels = labels_from_args(args, model.num_classes, source=str(checkpoint))
     model_config: dict[str, Any] = {'label_names': list(labels)} if labels else {}
-    data_config = data_config_from_args(args)
+    data_config = data_config_from_args(args, source=str(checkpoint), in_chans=model.in_chans)
     # transformers' pipeline hands every image over as RGB: a grayscale model turns it into luma, as predict does
     model_args = {'gray_from_rgb': True} if model.in_chans == 1 else None
     try:
@@ -180,12 +183,12 @@ def _write_export(
     except ValueError as e:
         raise ValueError(f'The training args of {checkpoint} do not fit the model: {e}') from e
     _drop_model_args_num_classes(folder / CONFIG_NAME)
-    _check_reload(model, folder, checkpoint)
+    reloaded = _check_reload(model, folder, checkpoint)
     if rows:
         plot_learning_curve(rows, folder / CURVE_NAME, title=name)
     grid = _prediction_grid(model, args, labels, folder / GRID_NAME, title=name)
-    if write_onnx is not None:
-        write_onnx(model, folder / ONNX_NAME)
+    if write_onnx is not None:  # the model as config.json describes it: its preprocessing and labels go in the file
+        write_onnx(reloaded, folder / ONNX_NAME)
     card = render_model_card(
         model,
         name,
@@ -226,47 +229,7 @@ def _check_out_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:
 
 def _remove_stale_exports(parent: Path) -> None:
     """Remove the temporary folders that killed exports (SIGKILL, SIGTERM, power loss) left in parent."""
-    try:
-        entries = list(os.scandir(parent))
-    except OSError:
-        return
-    for entry in entries:
-        match = _TMP_NAME.fullmatch(entry.name)
-        if match is None or not _is_stale_export(entry, match['pid']):
-            continue
-        try:
-            shutil.rmtree(entry.path)
-        except OSError as e:  # another export removing it too, or not ours to remove
-            _logger.debug('Could not remove %s: %s', entry.path, e)
-        else:
-            _logger.info('Removed %s, left by an interrupted export.', entry.path)
-
-
-def _is_stale_export(entry: os.DirEntry, pid: str | None) -> bool:
-    # only a real folder (never a link) that holds nothing but regular files an export writes
-    try:
-        if entry.is_symlink() or not entry.is_dir(follow_symlinks=False):
-            return False
-        with os.scandir(entry.path) as inside:
-            if any(f.name not in EXPORT_FILES or not f.is_file(follow_symlinks=False) for f in inside):
-                return False
-        if pid is None:  # written by an older version, without its pid
-            return time.time() - entry.stat(follow_symlinks=False).st_mtime > _STALE_AFTER_S
-    except OSError:
-        return False
-    return not _pid_alive(int(pid))
-
-
-def _pid_alive(pid: int) -> bool:
-    if os.name != 'posix':  # os.kill(pid, 0) would terminate the process on Windows
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # PermissionError: alive, another user's
-        return True
-    return True
+    remove_stale_folders(parent, _TMP_NAME, _TMP_FILES, _STALE_AFTER_S)
 
 
 def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
@@ -287,8 +250,9 @@ def _move_into_place(tmp: Path, out: Path, overwrite: bool) -> None:
     os.rename(tmp, out)
 
 
-def _check_reload(model: SmallViT, folder: Path, source: Path) -> None:
-    """Load the export back the way users will and demand the same logits, before it is moved into place."""
+def _check_reload(model: SmallViT, folder: Path, source: Path) -> torch.nn.Module:
+    """Load the export back the way users will and demand the same logits, before it is moved into place: the
+    reloaded model, whose pretrained_cfg is config.json's."""
     reloaded = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     chans, (h, w) = model.in_chans, model_img_size(model)
     x = torch.randn(2, chans, h, w, generator=torch.Generator().manual_seed(0))
@@ -303,6 +267,7 @@ def _check_reload(model: SmallViT, folder: Path, source: Path) -> None:
             raise RuntimeError(
                 f'The export in {folder} does not reproduce the checkpoint logits (a timm-smallvit bug).'
             )
+    return reloaded
 
 
 def _prediction_grid(

@@ -32,11 +32,17 @@ import yaml
 from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelInfo, get_token, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 from huggingface_hub.utils import validate_repo_id
-from timm.models._hub import hf_split  # no public name in timm 1.0.31
+from timm.data import resolve_data_config
+from timm.models._hub import (
+    hf_split,  # no public name in timm 1.0.31
+    load_model_config_from_path,  # timm's reader of config.json; no public name in 1.0.31
+)
 
 from .card import render_for
 from .checkpoint import check_architecture, load_strict
-from .export import CARD_NAME, CONFIG_NAME, CURVE_NAME, EXPORT_FILES, GRID_NAME, WEIGHTS_NAME
+from .export import CARD_NAME, CONFIG_NAME, CURVE_NAME, EXPORT_FILES, GRID_NAME, ONNX_NAME, WEIGHTS_NAME
+from .onnx_file import check_onnx_matches
+from .preprocess import check_data_config, check_label_names
 
 __all__ = ['create_model', 'push_to_hub']
 
@@ -58,7 +64,9 @@ def push_to_hub(
     """Upload an exported folder to a Hub model repo (created if needed), as one commit.
 
     Only the files export writes go up (model.safetensors, config.json, README.md, learning_curve.png,
-    predictions.png), as regular files: a symbolic link among them is refused, and nothing else in the folder is sent.
+    predictions.png, model.onnx), as regular files: a symbolic link among them is refused, and nothing else in the
+    folder is sent. config.json's preprocessing and label names are checked (:mod:`timm_smallvit.preprocess`), and a
+    model.onnx must be the ONNX file of model.safetensors: its metadata as config.json says, its logits the weights'.
     Everything is checked before the first change on the Hub (the files, the card's metadata, the token, that the
     endpoint answers), and the commit removes the files an earlier push left on the branch that the folder no longer
     has. The uploaded card is rendered again from the template with ``repo_id`` (and the branch) in its usage snippet,
@@ -94,7 +102,9 @@ def push_to_hub(
         stage = Path(tmp)
         model_ref = f'hf-hub:{repo_id}@{branch}' if branch else f'hf-hub:{repo_id}'
         names = _stage_upload(folder, stage, model_ref, allow_edited_card)
-        config = _check_files(stage / CONFIG_NAME, stage / WEIGHTS_NAME, str(folder))
+        config, model = _check_files(stage / CONFIG_NAME, stage / WEIGHTS_NAME, str(folder))
+        if ONNX_NAME in names:
+            _check_onnx(stage, folder, config, model)
         token = token or get_token()
         if not token:
             raise LocalTokenNotFoundError(
@@ -280,11 +290,25 @@ def create_model(model_name: str, pretrained: bool = False, **kwargs: Any) -> nn
     return model
 
 
-def _check_files(config_path: Path, weights_path: Path, where: str) -> dict[str, Any]:
-    """Check that config.json and model.safetensors describe one smallvit model timm can load; returns the config."""
+def _check_files(config_path: Path, weights_path: Path, where: str) -> tuple[dict[str, Any], nn.Module]:
+    """Check that config.json and model.safetensors describe one smallvit model timm can load: the config and it."""
     config, state_dict = _read_export(config_path, weights_path, where)
-    _check_weights(config, state_dict, where)
-    return config
+    return config, _check_weights(config, state_dict, where)
+
+
+def _check_onnx(stage: Path, folder: Path, config: dict[str, Any], model: nn.Module) -> None:
+    """model.onnx must be the ONNX file of these weights, as config.json describes them (or nothing is pushed)."""
+    shown = str(folder / ONNX_NAME)
+    pretrained_cfg, _, _ = load_model_config_from_path(stage)  # the preprocessing timm reads from config.json
+    try:
+        check_onnx_matches(stage / ONNX_NAME, config, resolve_data_config(pretrained_cfg=pretrained_cfg), model, shown)
+    except ImportError as e:
+        raise ValueError(
+            f'{shown}: cannot be checked without onnx and onnxruntime ({e}): install timm-smallvit[onnx], or remove '
+            'it from the folder. Nothing was pushed.'
+        ) from None
+    except ValueError as e:
+        raise ValueError(f'{e} Nothing was pushed.') from None
 
 
 def _read_export(config_path: Path, weights_path: Path, where: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -334,7 +358,20 @@ def _read_export(config_path: Path, weights_path: Path, where: str) -> tuple[dic
             f'model.safetensors (head.weight) has {weight_classes} outputs. Export the model again.'
         )
     _check_tensors(config, state_dict, where)
+    _check_preprocessing(config, state_dict, f'{where}/config.json', weight_classes)
     return config, state_dict
+
+
+def _check_preprocessing(
+    config: dict[str, Any], state_dict: dict[str, torch.Tensor], source: str, classes: int
+) -> None:
+    """The data config and label names config.json gives, checked against the weights' channels and classes."""
+    pretrained_cfg = dict(config.get('pretrained_cfg') or {})
+    first_conv = timm.models.get_pretrained_cfg_value(config['architecture'], 'first_conv') or 'patch_embed.proj'
+    conv = state_dict.get(f'{first_conv}.weight')
+    in_chans = int(conv.shape[1]) if conv is not None and conv.ndim == 4 else None
+    check_data_config(pretrained_cfg, source=source, in_chans=in_chans, num_classes=classes)
+    check_label_names(config.get('label_names'), source=source, num_classes=classes)
 
 
 def _check_tensors(config: dict[str, Any], state_dict: dict[str, torch.Tensor], where: str) -> None:
@@ -364,8 +401,8 @@ def _check_tensors(config: dict[str, Any], state_dict: dict[str, torch.Tensor], 
         )
 
 
-def _check_weights(config: dict[str, Any], state_dict: dict[str, torch.Tensor], where: str) -> None:
-    """Build the model a checked config.json (_read_export) describes and load state_dict into it strictly."""
+def _check_weights(config: dict[str, Any], state_dict: dict[str, torch.Tensor], where: str) -> nn.Module:
+    """Build the model a checked config.json (_read_export) describes, load state_dict into it strictly: the model."""
     model_args = dict(config.get('model_args', {}))
     num_classes = config.get('num_classes', model_args.get('num_classes'))
     try:
@@ -375,6 +412,7 @@ def _check_weights(config: dict[str, Any], state_dict: dict[str, torch.Tensor], 
     except (TypeError, ValueError) as e:
         raise ValueError(f'{where}: config.json model_args do not build {config["architecture"]}: {e}') from e
     load_strict(model, state_dict, f'{where}: the weights in model.safetensors', config['architecture'])
+    return model
 
 
 def _export_files(folder: Path) -> tuple[Path, list[str], list[str]]:

@@ -6,11 +6,13 @@
     quantize_onnx      float ``.onnx`` -> int8: dynamic (MatMul/Gemm weights) or static (also the conv stem and the
                        activations, calibrated on images)
     OnnxClassifier     an ``.onnx`` file written here -> logits, and ``smallvit predict``'s records for image files,
-                       preprocessed and labelled from the file's own metadata
+                       preprocessed and labelled from the file's own metadata, checked (:mod:`timm_smallvit.onnx_file`)
 
 The metadata (``metadata_props``, each value JSON) carries what timm's eval transform needs (``input_size``,
 ``interpolation``, ``mean``, ``std``, ``crop_pct``, ``crop_mode``), the ``architecture`` and the ``label_names``: a user
-with only the ``.onnx`` file preprocesses and labels as ``smallvit predict`` does.
+with only the ``.onnx`` file preprocesses and labels as ``smallvit predict`` does. They are checked before they are
+written, as every reader checks them (:mod:`timm_smallvit.preprocess`). The work happens in
+``smallvit-onnx-<pid>-*`` folders of the temp dir; each export removes those that killed runs left.
 """
 
 from __future__ import annotations
@@ -19,26 +21,40 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from timm.data import create_transform, resolve_model_data_config
 from timm.utils.onnx import onnx_export
 
-from ._files import write_atomically
-
-if TYPE_CHECKING:
-    import onnxruntime
+from ._files import check_writable_folder, remove_stale_folders, write_atomically
+from .onnx_file import (
+    INPUT_NAME,
+    INT8_TOLERANCE,
+    LOGITS_ATOL,
+    LOGITS_RTOL,
+    METADATA_KEYS,
+    OUTPUT_NAME,
+    check_onnx_output,
+    open_session,
+    read_metadata,
+)
+from .predict import READ_ERRORS, read_image, unreadable_reason
+from .preprocess import DATA_KEYS, check_data_config, check_label_names, to_model_mode
 
 __all__ = [
     'INPUT_NAME',
     'INT8_METHODS',
+    'INT8_TOLERANCE',
+    'LOGITS_ATOL',
+    'LOGITS_RTOL',
     'METADATA_KEYS',
     'OUTPUT_NAME',
     'QUANTIZE_MODES',
@@ -53,22 +69,16 @@ __all__ = [
 
 _logger = logging.getLogger(__name__)
 
-INPUT_NAME = 'pixel_values'  # transformers' name for the same tensor
-OUTPUT_NAME = 'logits'
 # what `--quantize` takes; 'int8' is the method measured to hold top-1 within 0.3 points on both shipped weights
 # (docs/deploy.md): dynamic quantization of the MatMul/Gemm weights, the conv stem kept in float
 QUANTIZE_MODES = ('int8',)
 INT8_METHODS = ('dynamic', 'static')
 DEFAULT_INT8_METHOD = 'dynamic'
-# float export: onnxruntime's logits against PyTorch's, elementwise |ort - torch| <= ATOL + RTOL * |torch| (measured:
-# about 3e-6 on the shipped weights, ~1e-7 relative)
-LOGITS_ATOL = 1e-4
-LOGITS_RTOL = 1e-4
-# int8: logits move by quantization, so the check is that they stay close to the float model's, relative to their
-# spread: max |int8 - float| <= INT8_TOLERANCE * (max - min of the float logits) over the check batch
-INT8_TOLERANCE = 0.1
 CHECK_BATCH = 3  # the check batch differs from the traced one (2): the batch axis is seen to be dynamic
-METADATA_KEYS = ('architecture', 'label_names', 'input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+# the work folders in the temp dir, named with the pid so that the next export removes what a killed one left
+_WORK_NAME = re.compile(r'smallvit-(?:onnx|quant)-(?:(?P<pid>\d+)-)?[a-z0-9_]{8}')
+_ANY_FILE = re.compile(r'.+')
+_STALE_AFTER_S = 60 * 60  # a work folder without a pid (older versions) is left alone for this long
 
 
 # the exporter's and quantizer's notes (each rewrite, folded constant, tensor left in float: ~160 lines at INFO), of
@@ -92,16 +102,24 @@ def _quiet_exporters() -> Iterator[None]:
 def onnx_metadata(model: torch.nn.Module) -> dict[str, str]:
     """The metadata an exported file carries: timm's data config, the architecture and label names, as JSON strings.
 
+    They are checked as readers check them (:mod:`timm_smallvit.preprocess`): what would be refused is not written.
+
     Args:
         model: A timm model with a ``pretrained_cfg`` (label_names, when it has them, label the classes).
     """
     cfg: dict[str, Any] = getattr(model, 'pretrained_cfg', None) or {}
+    architecture = cfg.get('architecture') or type(model).__name__
+    source = f"{architecture}'s pretrained_cfg"
     data_config = resolve_model_data_config(model)
-    labels = cfg.get('label_names')
+    patch_embed = getattr(model, 'patch_embed', None)
+    built_for = None if getattr(model, 'dynamic_img_size', False) else getattr(patch_embed, 'img_size', None)
+    in_chans = getattr(model, 'in_chans', None)
+    check_data_config(data_config, source=source, in_chans=in_chans, img_size=built_for)
+    labels = check_label_names(cfg.get('label_names'), source=source, num_classes=getattr(model, 'num_classes', 0))
     values: dict[str, Any] = {
-        'architecture': cfg.get('architecture') or type(model).__name__,
-        'label_names': list(labels) if labels else None,
-        **{k: data_config[k] for k in METADATA_KEYS[2:]},
+        'architecture': architecture,
+        'label_names': labels,
+        **{k: data_config[k] for k in DATA_KEYS},
     }
     return {k: json.dumps(list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
 
@@ -125,11 +143,7 @@ def check_output_path(out: str | os.PathLike, overwrite: bool) -> Path:
         folder = folder.parent
     if not folder.is_dir():
         raise NotADirectoryError(f'{path}: {folder} is a file, not a folder.')
-    try:  # a real probe: access() says yes to root even where the file system refuses
-        with tempfile.TemporaryFile(dir=folder):
-            pass
-    except OSError as e:
-        raise PermissionError(f'{path}: cannot write in {folder} ({e.strerror or e}).') from None
+    check_writable_folder(folder, path)
     return path
 
 
@@ -164,14 +178,16 @@ def export_onnx(
     if quantize and int8_method == 'static' and calibration is None:
         raise ValueError('static int8 quantization needs calibration images.')
     path = check_output_path(out, overwrite)
+    metadata = onnx_metadata(model)  # checked first: nothing is exported that predict would refuse
     input_size = tuple(resolve_model_data_config(model)['input_size'])
     was_training = model.training
     model.eval()
+    _remove_stale_work()
     try:
-        with _quiet_exporters(), tempfile.TemporaryDirectory(prefix='smallvit-onnx-') as work:
+        with _quiet_exporters(), _work_folder('onnx') as work:
             staged = Path(work) / 'model.onnx'
             _export_float(model, staged, input_size)
-            _set_metadata(staged, onnx_metadata(model))
+            _set_metadata(staged, metadata)
             generator = torch.Generator().manual_seed(0)
             x = torch.randn((CHECK_BATCH, *input_size), generator=generator)
             with torch.inference_mode():
@@ -185,6 +201,7 @@ def export_onnx(
                     with torch.inference_mode():
                         reference = model(x).float().numpy()
                 check_onnx_output(staged, x.numpy(), reference, int8=True)
+            open_session(staged, read_metadata(staged, str(path)), source=str(path))  # as every reader opens it
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomically(path, lambda tmp: shutil.copyfile(staged, tmp))
     finally:
@@ -220,44 +237,13 @@ def _set_metadata(path: Path, metadata: dict[str, str]) -> None:
     onnx.save(proto, str(path))
 
 
-def check_onnx_output(path: str | os.PathLike, x: np.ndarray, reference: np.ndarray, int8: bool = False) -> None:
-    """``onnx.checker``, then onnxruntime's logits for ``x`` against ``reference``; ValueError above the tolerance.
-
-    Args:
-        path: The ``.onnx`` file.
-        x: An input batch.
-        reference: PyTorch's logits for ``x``.
-        int8: A quantized model (the INT8_TOLERANCE check instead of LOGITS_ATOL/LOGITS_RTOL).
-    """
-    import onnx
-
-    onnx.checker.check_model(str(path), full_check=True)
-    logits = _session(path).run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0]
-    if logits.shape != reference.shape:
-        raise ValueError(f'{path}: onnxruntime returned logits of shape {logits.shape}, PyTorch {reference.shape}.')
-    diff = float(np.abs(logits - reference).max())
-    if int8:
-        spread = float(reference.max() - reference.min())
-        if not diff <= INT8_TOLERANCE * spread:
-            raise ValueError(
-                f'{path}: int8 logits differ from the float model by up to {diff:.3g}, over '
-                f'{INT8_TOLERANCE} of their range ({spread:.3g}).'
-            )
-    elif not np.allclose(logits, reference, rtol=LOGITS_RTOL, atol=LOGITS_ATOL):
-        raise ValueError(
-            f'{path}: onnxruntime logits differ from PyTorch by up to {diff:.3g} (tolerance {LOGITS_ATOL} + '
-            f'{LOGITS_RTOL} x |logit|).'
-        )
+def _work_folder(kind: str) -> tempfile.TemporaryDirectory:
+    return tempfile.TemporaryDirectory(prefix=f'smallvit-{kind}-{os.getpid()}-')
 
 
-def _session(path: str | os.PathLike, threads: int | None = None) -> onnxruntime.InferenceSession:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3  # errors only: the optimizer's notes are not the user's concern
-    return ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+def _remove_stale_work() -> None:
+    """Remove the work folders (empty or not) that killed exports and quantizations left in the temp dir."""
+    remove_stale_folders(tempfile.gettempdir(), _WORK_NAME, _ANY_FILE, _STALE_AFTER_S)
 
 
 class _Batches:
@@ -290,7 +276,8 @@ def quantize_onnx(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_dynamic, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    with tempfile.TemporaryDirectory(prefix='smallvit-quant-') as work:
+    _remove_stale_work()
+    with _work_folder('quant') as work:
         prepared = Path(work) / 'prepared.onnx'
         # onnxruntime's recommended step before quantizing: shape inference and graph optimization
         quant_pre_process(str(src), str(prepared))
@@ -320,33 +307,6 @@ def quantize_onnx(
     _set_metadata(Path(dst), {p.key: p.value for p in onnx.load(str(src), load_external_data=False).metadata_props})
 
 
-def read_metadata(path: str | os.PathLike) -> dict[str, Any]:
-    """The metadata of an ``.onnx`` file written by :func:`export_onnx`, decoded; a one-line ValueError otherwise."""
-    import onnx
-    from google.protobuf.message import DecodeError
-
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f'{path}: no such file.')
-    try:
-        proto = onnx.load(str(path), load_external_data=False)
-    except (DecodeError, ValueError, RuntimeError) as e:
-        raise ValueError(f'{path}: not an ONNX model ({" ".join(str(e).split()) or type(e).__name__}).') from None
-    if not proto.graph.node:
-        raise ValueError(f'{path}: not an ONNX model (no graph).')
-    props = {p.key: p.value for p in proto.metadata_props}
-    missing = [k for k in METADATA_KEYS if k not in props]
-    if missing:
-        raise ValueError(
-            f'{path}: an ONNX model without the preprocessing metadata (missing {", ".join(missing)}); '
-            'export it with `smallvit onnx`.'
-        )
-    try:
-        return {k: json.loads(props[k]) for k in METADATA_KEYS}
-    except json.JSONDecodeError as e:
-        raise ValueError(f'{path}: unreadable metadata ({e}).') from None
-
-
 class OnnxClassifier:
     """An ``.onnx`` file written by :func:`export_onnx`, run with onnxruntime, preprocessed and labelled from its
     metadata as ``smallvit predict`` does for a PyTorch model (timm's eval transform, the same image mode).
@@ -358,12 +318,11 @@ class OnnxClassifier:
 
     def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
         self.path = Path(path)
-        meta = read_metadata(self.path)
+        meta = read_metadata(self.path)  # checked: the graph's input and output, the preprocessing, the labels
         self.architecture: str = meta['architecture']
-        self.data_config: dict[str, Any] = {
-            k: tuple(v) if isinstance(v, list) else v for k, v in meta.items() if k in METADATA_KEYS[2:]
-        }
-        self.session = _session(self.path, threads)
+        self.data_config: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in meta.items()
+                                            if k in DATA_KEYS}  # fmt: skip
+        self.session = open_session(self.path, meta, threads)
         self.num_classes = int(self.session.get_outputs()[0].shape[-1])
         self.label_names: list[str] = meta['label_names'] or [str(i) for i in range(self.num_classes)]
         self.transform = create_transform(**self.data_config)
@@ -375,8 +334,9 @@ class OnnxClassifier:
         return self.session.run([OUTPUT_NAME], {INPUT_NAME: np.ascontiguousarray(array, dtype=np.float32)})[0]
 
     def preprocess(self, images: Sequence[Image.Image]) -> torch.Tensor:
-        """PIL images -> the model's input batch (converted to its mode, then timm's eval transform)."""
-        return torch.stack([self.transform(img.convert(self.mode)) for img in images])
+        """PIL images -> the model's input batch (converted to its mode as training converts, then timm's eval
+        transform)."""
+        return torch.stack([self.transform(to_model_mode(img, self.mode)) for img in images])
 
     def predict(self, paths: Iterable[Path], top_k: int = 5, batch_size: int = 64) -> list[dict[str, Any]]:
         """``smallvit predict``'s records: ``{'file', 'predictions': [{'label', 'index', 'probability'}]}`` or
@@ -389,9 +349,9 @@ class OnnxClassifier:
             slots, tensors = [], []
             for path in paths[start : start + batch_size]:
                 try:
-                    img, original = _read(path, self.mode)
-                except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-                    records.append({'file': str(path), 'error': _reason(e)})
+                    img, original = read_image(path, self.mode)
+                except READ_ERRORS as e:
+                    records.append({'file': str(path), 'error': unreadable_reason(e)})
                     continue
                 if original not in (self.mode, 'P', '1') and original not in converted:
                     converted.add(original)
@@ -410,15 +370,3 @@ class OnnxClassifier:
                     for v, k in zip(p, i, strict=True)
                 ]
         return records
-
-
-def _read(path: Path, mode: str) -> tuple[Image.Image, str]:
-    with Image.open(path) as img:
-        img.load()
-        return img.convert(mode), img.mode
-
-
-def _reason(e: BaseException) -> str:
-    if isinstance(e, UnidentifiedImageError):
-        return 'not an image Pillow can read'
-    return ' '.join(str(e).split()) or type(e).__name__

@@ -2,7 +2,7 @@
 
     load_model         a pretrained name (``smallvit_tiny_convstem_28.fmnist``), ``local-dir:``, ``hf-hub:`` or a
                        training checkpoint -> an eval-mode model whose pretrained_cfg says how to preprocess
-    find_images        files, folders (recursively) and globs -> image paths
+    find_images        files, folders (recursively) and globs -> image paths, each file once, no link followed
     predict            images -> top-k labels, through timm's own data config and eval transform, and with
                        attention_dir a figure of what the model attends to (:mod:`timm_smallvit.attention`)
 
@@ -12,10 +12,11 @@ those of ``model(transform(img))``.
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,19 +26,23 @@ from PIL import Image, UnidentifiedImageError
 from timm.data import create_transform, resolve_model_data_config
 from tqdm import tqdm
 
+from ._terminal import printable
 from .attention import PooledAttention
-from .checkpoint import as_smallvit, model_from_checkpoint
+from .checkpoint import as_smallvit, model_from_checkpoint, model_img_size
 from .data import IMAGE_EXTENSIONS
 from .export import CONFIG_NAME
 from .hub import create_model
 from .plots import save_attention_figure
+from .preprocess import check_data_config, to_model_mode
 from .smallvit import SmallViT
 
-__all__ = ['find_images', 'load_model', 'predict']
+__all__ = ['READ_ERRORS', 'find_images', 'load_model', 'predict', 'read_image', 'unreadable_reason']
 
 _logger = logging.getLogger(__name__)
 
 _CHECKPOINT_SUFFIXES = ('.pth', '.pth.tar', '.pt', '.safetensors')
+# what Pillow raises for a file it cannot read as an image: a record with an error, the other images still predicted
+READ_ERRORS = (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError)
 
 
 def load_model(ref: str) -> SmallViT:
@@ -48,6 +53,16 @@ def load_model(ref: str) -> SmallViT:
             ``local-dir:<folder>`` or ``hf-hub:<repo>`` (an export); or a training checkpoint (``last.pth.tar``,
             ``model_best.pth.tar``, whose EMA weights are used when it has them) or an exported ``.safetensors``.
     """
+    model = _load(ref)
+    # whatever the model came from, its preprocessing is checked before an image is resized by it
+    fixed = None if model.dynamic_img_size else model_img_size(model)
+    check_data_config(
+        model.pretrained_cfg, source=ref, in_chans=model.in_chans, num_classes=model.num_classes, img_size=fixed
+    )
+    return model
+
+
+def _load(ref: str) -> SmallViT:
     if ref.startswith(('local-dir:', 'hf-hub:')):
         return as_smallvit(create_model(ref, pretrained=True), ref).eval()
     path = Path(ref)
@@ -73,39 +88,103 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
     """Image files from paths, folders (searched recursively, by image extension) and glob patterns, in order.
 
     A file named on its own is taken whatever its extension (if it is not an image, predict says so); folders and
-    globs contribute files with an image extension (:data:`~timm_smallvit.data.IMAGE_EXTENSIONS`).
+    globs contribute files with an image extension (:data:`~timm_smallvit.data.IMAGE_EXTENSIONS`). Inside a folder or
+    below a pattern's fixed part, symbolic links are not followed (a link out of the folder, or back into it as
+    ``up -> ..`` or ``self -> .``, would read other files, the same ones again, or loop), and each file is taken
+    once, however many names lead to it.
     """
     extensions = IMAGE_EXTENSIONS
-    found: list[Path] = []
+    found: dict[tuple[int, int], Path] = {}
+    links: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            files = sorted(p for p in path.rglob('*') if p.is_file() and p.suffix.lower() in extensions)
+            files = sorted(p for p in _walk(path, ('**', '*'), links, hidden=True) if p.suffix.lower() in extensions)
             if not files:
                 raise FileNotFoundError(f'{path}: no image files in this folder (searched recursively).')
-            found.extend(files)
         elif path.is_file():
-            found.append(path)
+            files = [path]
         elif glob.has_magic(item):
-            files = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
-            files = [p for p in files if p.suffix.lower() in extensions]
+            parts = path.parts
+            fixed = next(i for i, part in enumerate(parts) if glob.has_magic(part))
+            base = Path(*parts[:fixed]) if fixed else Path()
+            files = sorted(p for p in _walk(base, parts[fixed:], links) if p.suffix.lower() in extensions)
             if not files:
                 raise FileNotFoundError(f'{item}: no image files match this pattern.')
-            found.extend(files)
         else:
             raise FileNotFoundError(f'{item}: no such file or folder.')
-    return list(dict.fromkeys(found))
+        for file in files:
+            st = file.stat()
+            found.setdefault((st.st_dev, st.st_ino), file)  # a second name of a file already found: not again
+    # the links that would have counted: to an image file, or to a folder
+    skipped = [p for p in dict.fromkeys(links) if p.suffix.lower() in extensions or p.is_dir()]
+    if skipped:
+        _logger.warning(
+            'Skipped %d symbolic link(s) inside the folders and patterns searched (%s%s): links there are not '
+            'followed; name a file itself to predict it.',
+            len(skipped), printable(skipped[0]), ', ...' if len(skipped) > 1 else '',
+        )  # fmt: skip
+    return list(found.values())
+
+
+def _walk(
+    folder: Path, pattern: Sequence[str], links: list[Path], hidden: bool = False, above: frozenset = frozenset()
+) -> Iterator[Path]:
+    """The regular files below folder whose path matches pattern (glob's components, ``**`` for any folders), found
+    without following a symbolic link (each one met is added to ``links``) or entering a folder twice."""
+    try:
+        st = folder.stat()
+        entries = sorted(os.scandir(folder), key=lambda e: e.name)
+    except OSError:
+        return
+    here = (st.st_dev, st.st_ino)
+    if here in above:  # a folder inside itself (a bind mount): once is enough
+        return
+    head, rest = pattern[0], pattern[1:]
+    if head == '**':
+        if rest:
+            yield from _walk(folder, rest, links, hidden, above)
+        subfolders = [e for e in entries if (hidden or not e.name.startswith('.'))]
+        for entry in subfolders:
+            if entry.is_symlink():
+                links.append(Path(entry.path))
+            elif entry.is_dir(follow_symlinks=False):
+                yield from _walk(Path(entry.path), pattern, links, hidden, above | {here})
+        return
+    for entry in entries:
+        if not _matches(head, entry.name, hidden):
+            continue
+        if entry.is_symlink():
+            links.append(Path(entry.path))
+        elif rest and entry.is_dir(follow_symlinks=False):
+            yield from _walk(Path(entry.path), rest, links, hidden, above | {here})
+        elif not rest and entry.is_file(follow_symlinks=False):
+            yield Path(entry.path)
+
+
+def _matches(pattern: str, name: str, hidden: bool) -> bool:
+    # glob's rules: a wildcard does not match a leading dot unless the pattern has one
+    if not glob.has_magic(pattern):
+        return name == pattern
+    if name.startswith('.') and not (hidden or pattern.startswith('.')):
+        return False
+    return fnmatch.fnmatchcase(name, pattern)
 
 
 def _image_mode(model: SmallViT) -> str:
     return 'L' if model.pretrained_cfg.get('input_size', (3,))[0] == 1 else 'RGB'
 
 
-def _read(path: Path, mode: str) -> tuple[Image.Image, str]:
+def read_image(path: Path, mode: str) -> tuple[Image.Image, str]:
+    """The image in a file, converted to ``mode`` as training converts it, and the mode it had.
+
+    Args:
+        path: An image file.
+        mode: The model's mode, 'L' or 'RGB'.
+    """
     with Image.open(path) as img:
         img.load()
-        original = img.mode
-        return img.convert(mode), original
+        return to_model_mode(img, mode), img.mode
 
 
 def predict(
@@ -140,9 +219,9 @@ def predict(
         batch, images, tensors = [], [], []
         for path in paths[start : start + batch_size]:
             try:
-                img, original = _read(path, mode)
-            except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as e:
-                records.append({'file': str(path), 'error': _reason(e)})
+                img, original = read_image(path, mode)
+            except READ_ERRORS as e:
+                records.append({'file': str(path), 'error': unreadable_reason(e)})
                 continue
             if original not in (mode, 'P', '1') and original not in converted:
                 converted.add(original)
@@ -186,7 +265,8 @@ def _chans(mode: str) -> str:
     return '1 channel (grayscale)' if mode == 'L' else '3 channels (RGB)'
 
 
-def _reason(e: BaseException) -> str:
+def unreadable_reason(e: BaseException) -> str:
+    """One line saying why Pillow could not read an image file."""
     if isinstance(e, UnidentifiedImageError):
         return 'not an image Pillow can read'
     return ' '.join(str(e).split()) or type(e).__name__

@@ -25,8 +25,9 @@ import yaml
 from timm.models import safe_model_name
 from timm.utils import CheckpointSaver, load_checkpoint_metadata, update_summary
 
-from ._files import disk_full_error, is_disk_full
+from ._files import check_zip, disk_full_error, is_disk_full
 from .data import TORCH_DATASETS
+from .preprocess import check_data_config, check_side
 from .smallvit import SmallViT
 
 __all__ = [
@@ -247,8 +248,16 @@ def load_recipe(path: str | os.PathLike) -> dict[str, Any]:
     return recipe
 
 
-def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace:
+def resolve_args(recipe: dict[str, Any], *, source: str = 'the recipe', **overrides: Any) -> argparse.Namespace:
     """Merge train.py's defaults, a recipe and overrides into the Namespace that checkpoints carry.
+
+    Sizes (img_size, input_size, model_kwargs img_size) and the preprocessing (mean, std, interpolation, crop_pct) are
+    checked by :mod:`timm_smallvit.preprocess` before anything is built or allocated.
+
+    Args:
+        recipe: The recipe's keys (:func:`load_recipe`).
+        source: What the recipe was read from, named in errors.
+        **overrides: Keys set on top (``--set``, ``--data-dir``, ...).
 
     Raises:
         ValueError: for keys this trainer does not honour (named), or values it cannot use.
@@ -265,7 +274,7 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
     for key in BOOL_KEYS & set(merged):
         merged[key] = parse_bool(key, merged[key])  # so args.yaml records what ran: a bool
     args = argparse.Namespace(**{**TRAIN_PY_DEFAULTS, **QUICK_TRAINER_KEYS, **merged})
-    _check_model(args)
+    _check_model(args, source)
     if args.dataset and args.dataset not in TORCH_DATASETS:
         raise ValueError(
             f"dataset {args.dataset!r}: the quick trainer reads an image folder (dataset: '', data_dir: the folder "
@@ -281,6 +290,9 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
             f'pretrained_path {args.pretrained_path}: set pretrained: true as well (train.py loads it only then), or '
             'use initial_checkpoint.'
         )
+    for key in ('initial_checkpoint', 'pretrained_path'):  # weights read later by timm, which does not check the CRC
+        if getattr(args, key) and Path(getattr(args, key)).is_file():
+            check_zip(getattr(args, key), f'{key} {getattr(args, key)}')
     if args.amp and args.amp_dtype not in ('bfloat16', 'float16'):
         raise ValueError(f"amp_dtype {args.amp_dtype!r}: use 'bfloat16' or 'float16'.")
     for key, what in (
@@ -313,6 +325,7 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
         args.num_classes = TORCH_DATASETS[args.dataset][5]  # an image folder's: its class folders, in train()
     if args.dataset and args.in_chans is None and args.input_size is None:
         args.in_chans = TORCH_DATASETS[args.dataset][3]  # the dataset's own channels (train.py would take 3)
+    _check_preprocessing(args, source)
     if args.device == 'cuda' and not torch.cuda.is_available():
         if merged.get('device') == 'cuda':  # named in the recipe: sized for a GPU, hours on a CPU
             _logger.warning(
@@ -323,7 +336,14 @@ def resolve_args(recipe: dict[str, Any], **overrides: Any) -> argparse.Namespace
     return args
 
 
-def _check_model(args: argparse.Namespace) -> None:
+def _check_preprocessing(args: argparse.Namespace, source: str) -> None:
+    # the channels train() builds the model with: in_chans, else input_size's, else train.py's 3
+    chans = args.in_chans if args.in_chans is not None else (None if args.input_size is not None else 3)
+    keys = ('in_chans', 'input_size', 'img_size', 'mean', 'std', 'interpolation', 'crop_pct')
+    check_data_config({k: getattr(args, k) for k in keys}, source=source, in_chans=chans)
+
+
+def _check_model(args: argparse.Namespace, source: str) -> None:
     # what timm would otherwise answer with a traceback from deep inside create_model or the optimizer
     name = args.model
     if not isinstance(name, str) or not (name.startswith(('hf-hub:', 'local-dir:')) or timm.is_model(name)):
@@ -337,9 +357,8 @@ def _check_model(args: argparse.Namespace) -> None:
             lr = args.lr = float(lr)
     if lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or not 0 <= lr < math.inf):
         raise ValueError(f"lr {lr!r}: a positive number (e.g. 1e-3), or leave it unset for train.py's rule.")
-    size = args.img_size
-    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
-        raise ValueError(f'img_size {size!r}: the input size in pixels, a whole number of at least 1, or unset.')
+    if args.img_size is not None:  # bounded before a model or a batch is made at that size
+        check_side(args.img_size, 'img_size', source)
     kwargs = args.model_kwargs
     if not isinstance(kwargs, dict):
         raise ValueError(
@@ -354,6 +373,8 @@ def _check_model(args: argparse.Namespace) -> None:
                 f'model_kwargs: {", ".join(unknown)} is not an argument of {name} (SmallViT takes '
                 f'{", ".join(sorted(known))}).'
             )
+    if kwargs.get('img_size') is not None:  # the model's size: its position embedding is allocated at it
+        check_data_config({'img_size': kwargs['img_size']}, source=f'{source}: model_kwargs')
 
 
 # (key, smallest value, may be None): integer recipe keys whose bad values would fail deep inside training
@@ -429,6 +450,7 @@ def check_resume(args: argparse.Namespace) -> dict[str, Any]:
             f'resume {path}: no such checkpoint. Give the last.pth.tar (or a checkpoint-N.pth.tar) of the run to '
             'continue.'
         )
+    check_zip(path, f'resume {path}')  # the weights it continues from, read against their CRC (torch.load does not)
     try:
         ckpt = load_checkpoint_metadata(str(path))
     except Exception as e:  # torch raises RuntimeError, UnpicklingError, EOFError, ... on damaged or foreign files

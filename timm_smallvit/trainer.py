@@ -32,12 +32,7 @@ from timm.task import (
     load_task_ema_checkpoint,
     resume_task_checkpoint,
 )
-from timm.utils import (
-    CheckpointSaver,
-    NativeScaler,
-    init_distributed_device,
-    is_primary,
-)
+from timm.utils import CheckpointSaver, NativeScaler, init_distributed_device, is_primary
 from tqdm import tqdm
 
 from .amp import AutocastFactory, autocast_context, decide_cpu_amp
@@ -45,6 +40,7 @@ from .augment import BatchAugment
 from .budget import create_scheduler, refit_to_budget, training_compute
 from .data import SmallImageDataset
 from .loader import BatchLoader, hold_out
+from .preprocess import check_data_config
 from .recipe import (
     check_resume,
     continue_in_place,
@@ -342,7 +338,8 @@ def _data_config(args: argparse.Namespace, model: torch.nn.Module) -> dict[str, 
     if args.img_size is None and args.input_size is None and built_for:
         # timm's pretrained_cfg keeps the size the weights were made at; model_kwargs img_size builds another
         data_config['input_size'] = (data_config['input_size'][0], *built_for)
-    return data_config
+    # what the recipe leaves unset comes from the model's pretrained_cfg (an hf-hub: export): checked as readers do
+    return check_data_config(data_config, source=f'{args.model} (its pretrained_cfg) with the recipe')
 
 
 def _create_loaders(
