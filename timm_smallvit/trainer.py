@@ -93,7 +93,8 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     if primary:
         n_params = sum(p.numel() for p in model.parameters())
         _logger.info(f'Model {args.model} created, {n_params:,} parameters, input {data_config["input_size"]}')
-    decide_cpu_amp(args, model, tuple(data_config['input_size']), device)  # bf16 only where this step runs faster
+    in_shape = tuple(data_config['input_size'])
+    decide_cpu_amp(args, model, in_shape, device)  # bf16 only where this run's step runs faster
     amp_autocast = autocast_context(args, device)
     loader_train, loader_eval = _create_loaders(args, data, resumed_args, data_config, in_chans, device)
     task, mixup_fn, optimizer, resume_epoch = _create_task(args, model, loss_scaler, device)
@@ -101,10 +102,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     updates_per_epoch = len(loader_train)
     images_per_epoch = updates_per_epoch * args.batch_size * args.world_size  # every batch full (drop_last)
     planned = {k: getattr(args, k) for k in ('epochs', 'crop_off_epoch', 'mixup_off_epoch')}
-    teacher = getattr(task, 'teacher', None)  # timm's DistillationTeacher, under LogitDistillationTask
-    teacher_model = timm.utils.unwrap_model(teacher.model) if teacher is not None else None
-    in_shape = tuple(data_config['input_size'])
-    tflop = training_compute(args, model, in_shape, images_per_epoch, planned, teacher=teacher_model)
+    tflop = training_compute(args, model, in_shape, images_per_epoch, planned, teacher=_teacher(task))
     lr_scheduler, num_epochs = create_scheduler(args, optimizer, updates_per_epoch)
     start_epoch = _start_epoch(args, lr_scheduler, num_epochs, updates_per_epoch, resume_epoch)
     refit = bool(args.budget_minutes) and start_epoch == 0  # fit the schedule to budget_minutes as it goes
@@ -623,6 +621,11 @@ def _load_initial_checkpoint(model: Any, path: Path) -> None:
     except (RuntimeError, ValueError, KeyError) as e:
         first = str(e).strip().splitlines()[0]
         raise ValueError(f'initial_checkpoint {path}: its weights do not fit {type(model).__name__} ({first}).') from e
+
+
+def _teacher(task: TrainingTask) -> torch.nn.Module | None:
+    teacher = getattr(task, 'teacher', None)  # timm's DistillationTeacher, under LogitDistillationTask
+    return timm.utils.unwrap_model(teacher.model) if teacher is not None else None
 
 
 def _trainable(task: TrainingTask) -> torch.nn.Module:
