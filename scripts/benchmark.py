@@ -377,6 +377,7 @@ def recipe_run(name: str, data_dir: Path, steps: int, eval_batches: int, profile
                 experiment=Path(name).stem,  # a recipe given as a path runs under its file's name
                 epochs=epochs,
                 budget_minutes=0,
+                budget_tflop=0,
                 crop_off_epoch=0,
                 mixup_off_epoch=0,
                 train_num_samples=batch * n_steps,
