@@ -212,6 +212,7 @@ def _app(args: argparse.Namespace) -> int:
         raise ValueError(f"needs Gradio ({e}): pip install 'timm-smallvit[app]'.") from None
 
     _setup_logging()
+    logging.getLogger('httpx').setLevel(logging.WARNING)  # Gradio's own requests to itself at start
     launch(args.models or list(DEFAULT_MODELS), host=args.host, port=args.port)
     return 0
 

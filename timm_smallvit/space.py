@@ -50,7 +50,7 @@ from pathlib import Path
 from timm_smallvit.app import launch
 
 HERE = Path(__file__).resolve().parent
-launch([{model}])  # host and port: $GRADIO_SERVER_NAME and $GRADIO_SERVER_PORT, which Spaces set
+launch([{model}])  # host, port: $GRADIO_SERVER_NAME, $GRADIO_SERVER_PORT (Spaces set them)
 '''
 
 
@@ -172,8 +172,9 @@ def _card(model: str, facts: dict[str, Any], gradio_version: str) -> SpaceCard:
         pinned=False,
     )
     labels = ', '.join(_plain(label) for label in facts['labels']) or 'its classes'
+    code = ''.join(c for c in arch if c.isprintable() and c != '`')  # in a code span only a backtick could end it
     body = (
-        f'# What `{_plain(arch)}` sees\n\n'
+        f'# What `{code}` sees\n\n'
         f"Upload, paste or draw an image: the top labels ({labels}), and where the model looks (its last block's "
         'attention and the attention rollout over the image).\n\n'
         'Written by `smallvit space` from [timm-smallvit](https://github.com/timm-smallvit/timm-smallvit); '
@@ -186,7 +187,7 @@ def _card(model: str, facts: dict[str, Any], gradio_version: str) -> SpaceCard:
 
 def _plain(text: str) -> str:
     # names from files, shown in the card as text: no Markdown or HTML of their own
-    return ''.join(c for c in str(text) if c.isprintable() and c not in '`<>[]*_|\\')
+    return ''.join(f'\\{c}' if c in '\\*_[]<>|' else c for c in str(text) if c.isprintable() and c != '`')
 
 
 def push_space(
