@@ -8,6 +8,7 @@ on 127.0.0.1 is refused and recorded, and fails the test.
 """
 
 import os
+import re
 import shutil
 import socket
 from pathlib import Path
@@ -81,6 +82,7 @@ def test_a_browser_uploads_an_image_and_sees_the_top_label(url, tmp_path):
             # the attention maps arrive with the labels: both images drawn
             for panel in ('#smallvit-last', '#smallvit-rollout'):
                 playwright.expect(page.locator(f'{panel} img')).to_be_visible(timeout=60_000)
+            boot_map = page.locator('#smallvit-last img').get_attribute('src')
             page.wait_for_timeout(500)  # let the images paint
             shot = tmp_path / 'app.png'
             page.screenshot(path=str(shot), full_page=True)
@@ -90,6 +92,22 @@ def test_a_browser_uploads_an_image_and_sees_the_top_label(url, tmp_path):
             page.get_by_label('Remove Image').first.click()
             page.locator('input[type=file]').first.set_input_files(tmp_path / 'notes.png')
             playwright.expect(page.get_by_text('notes.png: cannot read it as an image')).to_be_visible(timeout=60_000)
+
+            # a stroke drawn with the mouse on the sketchpad, as the page sends it: labels and maps come back
+            page.get_by_role('tab', name='Draw').click()
+            page.get_by_role('button', name='Brush').first.click()
+            box = page.locator('canvas').first.bounding_box()
+            x, y = box['x'] + box['width'] * 0.4, box['y'] + box['height'] * 0.2
+            page.mouse.move(x, y)
+            page.mouse.down()
+            for step in range(20):
+                page.mouse.move(x + 4 * step, y + 8 * step)
+            page.mouse.up()
+            page.get_by_role('button', name='Classify the drawing').click()
+            drawn_map = page.locator('#smallvit-last img')
+            playwright.expect(drawn_map).to_be_visible(timeout=60_000)
+            playwright.expect(drawn_map).not_to_have_attribute('src', boot_map or '')  # a new map: the drawing's
+            playwright.expect(label).to_have_text(re.compile('.+'))
         finally:
             browser.close()
     assert refused == [], 'the page asked for something besides the app'
