@@ -339,6 +339,47 @@ def get(url: str, host: str | None = None) -> int:
         return e.code
 
 
+def call(url: str, api: str, data: list) -> str:
+    """Gradio's plain HTTP API (POST, then the event's stream): what any client can send, without gradio_client."""
+    request = urllib.request.Request(
+        f'{url}gradio_api/call/{api}', json.dumps({'data': data}).encode(), {'Content-Type': 'application/json'}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        event = json.load(response)['event_id']
+    with urllib.request.urlopen(f'{url}gradio_api/call/{api}/{event}', timeout=60) as response:
+        return response.read().decode()
+
+
+def test_a_request_naming_a_file_it_did_not_upload_is_refused(served, tmp_path):
+    secret = tmp_path / 'secret.png'
+    Image.open(EXAMPLES[0]).save(secret)  # a real image, readable by the app, but never uploaded
+    named = {'path': str(secret), 'meta': {'_type': 'gradio.FileData'}}
+    settings = [MODEL, 5, False, 0.5]
+    for api, value in (('predict', named), ('predict_drawing', {'background': None, 'layers': [named]})):
+        stream = call(served[1], api, [value, *settings])
+        assert 'event: error' in stream and 'event: complete' not in stream, stream
+    uploaded = {'path': client_upload(served[1], EXAMPLES[0]), 'meta': {'_type': 'gradio.FileData'}}
+    assert 'event: complete' in call(served[1], 'predict', [uploaded, *settings])  # the same call, uploaded first
+
+
+def client_upload(url: str, path: Path) -> str:
+    """The file uploaded through Gradio's /upload route: its path on the server."""
+    boundary = 'smallvit-test-boundary'
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="files"; filename="{path.name}"\r\n'
+            'Content-Type: image/png\r\n\r\n'
+        ).encode()
+        + path.read_bytes()
+        + f'\r\n--{boundary}--\r\n'.encode()
+    )
+    request = urllib.request.Request(
+        f'{url}gradio_api/upload', body, {'Content-Type': f'multipart/form-data; boundary={boundary}'}
+    )
+    with urllib.request.urlopen(request, timeout=30) as response:
+        return json.load(response)[0]
+
+
 def test_nothing_is_served_but_the_apps_own_files(served, tmp_path):
     demo, url = served
     secret = tmp_path / 'secret.txt'

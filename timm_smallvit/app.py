@@ -51,6 +51,7 @@ MIN_SIDE = 8  # px: below this an image resized to 28 px is a few flat blocks, n
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485  # Pillow's own decompression-bomb bound (89.5 megapixels)
 SHOW_SIDE = 280  # px: small images are drawn this large (one cell a pixel), large ones shrunk to it
 DRAWING_CANVAS = (280, 280)
+MAX_LAYERS = 16  # a sketchpad's; each is a whole image to decode
 # a 28 px image is shown large, its pixels square (as the model sees them), not blurred
 CSS = '.smallvit-pixels img {image-rendering: pixelated; min-width: 60%; object-fit: contain}'
 
@@ -276,6 +277,8 @@ def _drawing_image(value: Any, mode: str, size: tuple[int, int]) -> Image.Image:
     colours on white.
     """
     layers = value.get('layers') if isinstance(value, dict) else None
+    if layers and len(layers) > MAX_LAYERS:
+        raise _error(f'The drawing has {len(layers)} layers: the app reads at most {MAX_LAYERS}.', title='Bad drawing')
     alpha: np.ndarray | None = None
     colour = None
     for i, layer in enumerate(layers or []):
