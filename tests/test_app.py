@@ -325,9 +325,9 @@ def test_100_requests_from_4_threads_are_all_answered_right_and_memory_stays_fla
     assert len(answers) == 100
     assert all(label == expected[name] for name, label in answers)
     print(f'RSS before {before / 2**20:.0f} MiB, growth over 100 requests {growth / 2**20:+.1f} MiB')
-    # measured: +10 to +20 MiB over these 100 (the allocator's arenas of Gradio's worker threads filling), then flat;
+    # measured: +4 to +22 MiB over these 100 (the allocator's arenas of Gradio's worker threads filling), then flat;
     # keeping each request's two 280x280 maps would add 47 MiB
-    assert growth < 24 * 2**20, f'RSS grew by {growth / 2**20:.0f} MiB over 100 requests'
+    assert growth < 32 * 2**20, f'RSS grew by {growth / 2**20:.0f} MiB over 100 requests'
 
 
 def get(url: str, host: str | None = None) -> int:
