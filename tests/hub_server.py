@@ -22,6 +22,11 @@ Endpoints served (``{repo}`` is ``namespace/name``; ``{rev}`` a branch name or a
     HEAD /{repo}/resolve/{rev}/{path}              hf_hub_download's metadata: ETag, X-Repo-Commit, Content-Length
     GET  /{repo}/resolve/{rev}/{path}              the file (a ``Range: bytes=N-`` request gets 206)
 
+Spaces (``repo_type='space'``) are served the same way under ``/api/spaces/{repo}/...`` and ``/spaces/{repo}/resolve/
+...``; they are kept in ``HubServer.repos`` as ``spaces/{repo}`` (their own namespace, as on the Hub, where a model and
+a Space may share a name). Creating one needs an ``sdk``; as on the Hub, a new Space starts with a README.md whose
+metadata names that sdk.
+
 Anything else answers 404 and is recorded in ``HubServer.unhandled``. Auth is ``Authorization: Bearer <token>``
 against the server's token table. As on the Hub: an unknown token gets 401 "Invalid credentials in Authorization
 header" on every endpoint; a private repo is "RepoNotFound" (401 without a token, 404 with another user's token);
@@ -47,6 +52,7 @@ import yaml
 
 __all__ = ['HubServer', 'use_hub']
 
+SPACE_SDKS = ('gradio', 'docker', 'static')
 GITATTRIBUTES = b'*.safetensors filter=lfs diff=lfs merge=lfs -text\n*.bin filter=lfs diff=lfs merge=lfs -text\n'
 
 
@@ -71,6 +77,7 @@ class Repo:
     repo_id: str
     owner: str
     private: bool
+    sdk: str | None = None  # a Space's
     branches: dict[str, str] = field(default_factory=dict)  # branch -> commit oid
     commits: dict[str, Commit] = field(default_factory=dict)
 
@@ -222,6 +229,9 @@ class HubServer:
             if len(parts) >= 5 and parts[2] == 'resolve' and method in ('GET', 'HEAD'):
                 repo_id, revision, file_path = f'{parts[0]}/{parts[1]}', parts[3], '/'.join(parts[4:])
                 return self._resolve_file(method, repo_id, revision, file_path, user, headers)
+            if len(parts) >= 6 and parts[0] == 'spaces' and parts[3] == 'resolve' and method in ('GET', 'HEAD'):
+                repo_id, revision, file_path = '/'.join(parts[:3]), parts[4], '/'.join(parts[5:])
+                return self._resolve_file(method, repo_id, revision, file_path, user, headers)
         self.unhandled.append((method, path))
         raise HubError(404, f'Not found: {method} {path}')
 
@@ -234,9 +244,11 @@ class HubServer:
             return self._create_repo(user, _loads(body))
         if method == 'POST' and parts == ['validate-yaml']:
             return self._validate_yaml(_loads(body))
-        if len(parts) < 3 or parts[0] != 'models':
+        if len(parts) < 3 or parts[0] not in ('models', 'spaces'):
             raise HubError(404, f'Not found: /api/{"/".join(parts)}')
         repo_id, rest = f'{parts[1]}/{parts[2]}', parts[3:]
+        if parts[0] == 'spaces':
+            repo_id = f'spaces/{repo_id}'
         if method == 'GET' and rest == []:
             return self._info(repo_id, 'main', user)
         if method == 'GET' and len(rest) == 2 and rest[0] == 'revision':
@@ -263,23 +275,32 @@ class HubServer:
     def _create_repo(self, user: str | None, payload: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
         if user is None:
             raise HubError(401, 'You must be authenticated to create a repo')
-        if payload.get('type', 'model') != 'model':
-            raise HubError(400, 'This test server only hosts model repos')
+        kind = payload.get('type', 'model')
+        if kind not in ('model', 'space'):
+            raise HubError(400, 'This test server only hosts model repos and Spaces')
+        if kind == 'space' and payload.get('sdk') not in SPACE_SDKS:
+            raise HubError(400, f'Invalid sdk: expected one of {", ".join(SPACE_SDKS)}')
         name, namespace = payload.get('name'), payload.get('organization') or user
         if not isinstance(name, str) or not name or '/' in name:
             raise HubError(400, 'Invalid repo name')
         repo_id = f'{namespace}/{name}'
+        key = repo_id if kind == 'model' else f'spaces/{repo_id}'
         if namespace != user:
             raise HubError(403, f'You cannot create a repo in the namespace {namespace}')
-        url = f'{self.endpoint}/{repo_id}'
-        if repo_id in self.repos:
+        url = f'{self.endpoint}/{key}'
+        if key in self.repos:
             # create_repo(exist_ok=True) reads the url from this answer
-            raise HubError(409, 'You already created this model repo', extra={'url': url})
+            raise HubError(409, f'You already created this {kind} repo', extra={'url': url})
         private = payload.get('visibility') == 'private' or payload.get('private') is True
-        repo = Repo(repo_id, owner=user, private=private)
-        self.blobs[oid := git_blob_oid(GITATTRIBUTES)] = GITATTRIBUTES
-        repo.branches['main'] = self._commit(repo, None, {'.gitattributes': oid}, 'initial commit', '', user)
-        self.repos[repo_id] = repo
+        repo = Repo(key, owner=user, private=private, sdk=payload.get('sdk'))
+        files = {'.gitattributes': GITATTRIBUTES}
+        if kind == 'space':
+            files['README.md'] = f'---\ntitle: {name}\nsdk: {payload["sdk"]}\npinned: false\n---\n'.encode()
+        for data in files.values():
+            self.blobs[git_blob_oid(data)] = data
+        oids = {path: git_blob_oid(data) for path, data in files.items()}
+        repo.branches['main'] = self._commit(repo, None, oids, 'initial commit', '', user)
+        self.repos[key] = repo
         return _json({'url': url, 'name': repo_id, 'id': repo_id})
 
     def _validate_yaml(self, payload: dict[str, Any]) -> tuple[int, dict[str, str], bytes]:
@@ -298,8 +319,9 @@ class HubServer:
         repo = self._readable(repo_id, user)
         commit = repo.commits[self._resolve(repo, revision)]
         siblings = [{'rfilename': p} for p in sorted(commit.files)]
-        info = {'id': repo_id, 'author': repo.owner, 'sha': commit.oid, 'private': repo.private}
-        return _json({**info, 'lastModified': commit.date, 'siblings': siblings, 'library_name': 'timm'})
+        info = {'id': repo_id.removeprefix('spaces/'), 'author': repo.owner, 'sha': commit.oid, 'private': repo.private}
+        kind = {'sdk': repo.sdk} if repo.sdk else {'library_name': 'timm'}
+        return _json({**info, 'lastModified': commit.date, 'siblings': siblings, **kind})
 
     def _tree(self, repo_id: str, revision: str, folder: str, user: str | None) -> tuple[int, dict[str, str], bytes]:
         repo = self._readable(repo_id, user)

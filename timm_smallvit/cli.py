@@ -255,6 +255,32 @@ def _onnx(args: argparse.Namespace) -> int:
     return 0
 
 
+def _app(args: argparse.Namespace) -> int:
+    try:
+        from .app import DEFAULT_MODELS, launch
+    except ImportError as e:  # Gradio is the app extra
+        raise ValueError(f"needs Gradio ({e}): pip install 'timm-smallvit[app]'.") from None
+
+    _setup_logging()
+    logging.getLogger('httpx').setLevel(logging.WARNING)  # Gradio's own requests to itself at start
+    launch(args.models or list(DEFAULT_MODELS), host=args.host, port=args.port)
+    return 0
+
+
+def _space(args: argparse.Namespace) -> int:
+    from .space import push_space, write_space
+
+    _setup_logging()
+    if args.push and not args.repo_id:
+        raise ValueError('--push needs --repo-id USER/NAME (the Space to create or update).')
+    out = write_space(args.model, args.out_dir, overwrite=args.overwrite, package=args.package)
+    print(f'Wrote the Space folder {printable(out)} (app.py, requirements.txt, README.md)')
+    if args.push:
+        commit = push_space(out, args.repo_id, private=args.private, overwrite=args.overwrite)
+        print(f'Pushed {printable(out)} to the Space {args.repo_id}: {commit.commit_url}')
+    return 0
+
+
 def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
     from timm.utils import ParseKwargs
 
@@ -325,6 +351,34 @@ def _add_hub_commands(sub: argparse._SubParsersAction) -> None:
     onnx.set_defaults(func=_onnx)
 
 
+def _add_app_commands(sub: argparse._SubParsersAction) -> None:
+    model_help = (
+        'a pretrained name (smallvit_tiny_convstem_28.fmnist), local-dir:<folder>, hf-hub:<repo>, a training '
+        'checkpoint (last.pth.tar), or an .onnx file written by smallvit onnx (labels only)'
+    )
+    app = sub.add_parser('app', help='see what a model sees, in a browser: top labels and attention maps (Gradio)')
+    app.add_argument('models', nargs='*', metavar='MODEL', help=f'{model_help}; default: the shipped pretrained tags')
+    app.add_argument('--host', default='127.0.0.1', help='address to listen on (default 127.0.0.1: this machine only)')
+    app.add_argument('--port', type=int, default=7860, help='port (default 7860)')
+    app.set_defaults(func=_app)
+
+    space = sub.add_parser('space', help='write a Hugging Face Space folder serving `smallvit app` over one model')
+    space.add_argument('model', help=model_help)
+    space.add_argument('out_dir', help='folder to create (must not exist or be empty, unless --overwrite)')
+    space.add_argument(
+        '--overwrite',
+        action='store_true',
+        help='replace a non-empty OUT_DIR (and, with --push, the app of a Space that smallvit space did not write)',
+    )
+    space.add_argument('--package', help='requirement line for the package (default timm-smallvit[app]==VERSION)')
+    space.add_argument(
+        '--push', action='store_true', help='then upload it as a Space (token: HF_TOKEN or hf auth login)'
+    )
+    space.add_argument('--repo-id', help='user/name of the Space (created if missing)')
+    space.add_argument('--private', action='store_true', help='create the Space private')
+    space.set_defaults(func=_space)
+
+
 def _add_training_commands(sub: argparse._SubParsersAction) -> None:
     from timm.utils import ParseKwargs
 
@@ -377,6 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest='command', required=True)
     _add_training_commands(sub)
     _add_hub_commands(sub)
+    _add_app_commands(sub)
     return parser
 
 

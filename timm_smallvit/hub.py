@@ -4,6 +4,9 @@
                     files only, regular files only (never through a symbolic link), all checked first
     create_model    timm.create_model after the import that registers smallvit*, checking hf-hub: and local-dir:
                     files first so that bad exports fail with a message instead of odd timm errors
+    stage_files     named files of a folder -> a private copy, as regular files only (what push sends; ``smallvit
+                    space`` stages its folder with it too)
+    upload_staged   a staged copy -> a Hub repo of any type, as one commit (what push does after its checks)
 
 Exports are written by :mod:`timm_smallvit.export`; push renders the card again (:func:`timm_smallvit.card.render_for`)
 from the values export kept in it, to name the Hub repo.
@@ -12,6 +15,7 @@ from the values export kept in it, to name the Hub repo.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import importlib
 import json
@@ -20,7 +24,7 @@ import os
 import shutil
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +33,7 @@ import timm
 import torch
 import torch.nn as nn
 import yaml
-from huggingface_hub import CommitInfo, HfApi, ModelCard, ModelInfo, get_token, hf_hub_download
+from huggingface_hub import CommitInfo, HfApi, ModelCard, get_token, hf_hub_download
 from huggingface_hub.errors import HfHubHTTPError, LocalTokenNotFoundError
 from huggingface_hub.utils import validate_repo_id
 from timm.data import resolve_data_config
@@ -44,7 +48,7 @@ from .export import CARD_NAME, CONFIG_NAME, CURVE_NAME, EXPORT_FILES, GRID_NAME,
 from .onnx_file import check_onnx_matches
 from .preprocess import check_data_config, check_label_names
 
-__all__ = ['create_model', 'push_to_hub']
+__all__ = ['create_model', 'push_to_hub', 'stage_files', 'upload_staged']
 
 _logger = logging.getLogger(__name__)
 
@@ -105,51 +109,98 @@ def push_to_hub(
         config, model = _check_files(stage / CONFIG_NAME, stage / WEIGHTS_NAME, str(folder))
         if ONNX_NAME in names:
             _check_onnx(stage, folder, config, model)
-        token = token or get_token()
-        if not token:
-            raise LocalTokenNotFoundError(
-                'No Hugging Face token found: log in with `hf auth login` (stored by huggingface_hub) or set '
-                'HF_TOKEN to a token with write access, then push again.'
-            )
-        api = HfApi(token=token)  # endpoint: HF_ENDPOINT, else huggingface.co
-        with _hub_errors(api, repo_id):
-            info = _target_repo(api, repo_id, private, branch)
-            stale = [path for path in (s.rfilename for s in info.siblings or []) if _pushed_before(path, names)]
-            commit = api.upload_folder(
-                repo_id=repo_id,
-                folder_path=stage,
-                revision=branch,
-                commit_message=commit_message or f'Upload {config["architecture"]} (timm-smallvit)',
-                allow_patterns=list(EXPORT_FILES),
-                # exact names (escaped: no pattern of ours may match a file someone else put in the repo)
-                delete_patterns=[glob.escape(path) for path in stale] or None,
-                # the stale files were listed at this commit, so nobody else's may land in between
-                parent_commit=info.sha,
-            )
+        commit = upload_staged(
+            stage,
+            repo_id,
+            names,
+            # what this or an older push (which sent any *.png) may have uploaded; files in subfolders are someone
+            # else's
+            ours=lambda path: '/' not in path and (path in EXPORT_FILES or path.endswith('.png')),
+            private=private,
+            revision=branch,
+            commit_message=commit_message or f'Upload {config["architecture"]} (timm-smallvit)',
+            token=token,
+        )
     _logger.info('Pushed %s to %s', folder, commit.commit_url)
     return commit
 
 
-def _target_repo(api: HfApi, repo_id: str, private: bool, branch: str | None) -> ModelInfo:
+def upload_staged(
+    stage: Path,
+    repo_id: str,
+    names: Sequence[str],
+    *,
+    ours: Callable[[str], bool],
+    commit_message: str,
+    repo_type: str | None = None,
+    space_sdk: str | None = None,
+    private: bool = False,
+    revision: str | None = None,
+    token: str | None = None,
+    check_target: Callable[[HfApi, Any], None] | None = None,
+) -> CommitInfo:
+    """Upload the checked copy in ``stage`` (see :func:`stage_files`) to a Hub repo (created if needed), as one commit.
+
+    The commit holds ``names`` and removes what an earlier upload left on the branch that ``stage`` no longer has
+    (the repo's files for which ``ours`` is true); other files are kept. It is made on the branch head that was
+    listed, so nobody else's file can land in between. Auth and connection failures are one-line PermissionError /
+    ConnectionError messages; the token is never written, printed or logged.
+
+    Args:
+        stage: The private folder holding exactly ``names``.
+        repo_id: 'user/name'.
+        names: The files to upload, as paths relative to stage ('app.py', 'model/config.json').
+        ours: Whether a file already in the repo was put there by an earlier upload of this kind.
+        commit_message: The commit title.
+        repo_type: None (a model), 'space' or 'dataset'.
+        space_sdk: The SDK of a Space created here ('gradio').
+        private: Create the repo private; an existing public repo is refused.
+        revision: Branch to commit to (created from main if missing); default main.
+        token: Hub token; default HF_TOKEN or the stored `hf auth login` token.
+        check_target: Called with the API and the branch's repo info before anything is uploaded; raises to refuse.
+    """
+    token = token or get_token()
+    if not token:
+        raise LocalTokenNotFoundError(
+            'No Hugging Face token found: log in with `hf auth login` (stored by huggingface_hub) or set '
+            'HF_TOKEN to a token with write access, then push again.'
+        )
+    api = HfApi(token=token)  # endpoint: HF_ENDPOINT, else huggingface.co
+    with _hub_errors(api, repo_id):
+        info = _target_repo(api, repo_id, private, revision, repo_type, space_sdk)
+        if check_target is not None:
+            check_target(api, info)
+        stale = [path for path in (s.rfilename for s in info.siblings or []) if ours(path) and path not in names]
+        return api.upload_folder(
+            repo_id=repo_id,
+            folder_path=stage,
+            repo_type=repo_type,
+            revision=revision,
+            commit_message=commit_message,
+            # exact names (escaped: no pattern of ours may match a file someone else put in the repo)
+            allow_patterns=[glob.escape(name) for name in names],
+            delete_patterns=[glob.escape(path) for path in stale] or None,
+            # the stale files were listed at this commit, so nobody else's may land in between
+            parent_commit=info.sha,
+        )
+
+
+def _target_repo(
+    api: HfApi, repo_id: str, private: bool, branch: str | None, repo_type: str | None, space_sdk: str | None
+) -> Any:
     """The repo's branch to push to, created if needed; refuses a private push to an existing public repo."""
     api.whoami()  # the endpoint answers and takes the token before anything is created
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    info = api.model_info(repo_id)
+    api.create_repo(repo_id, private=private, exist_ok=True, repo_type=repo_type, space_sdk=space_sdk)
+    info = api.repo_info(repo_id, repo_type=repo_type)
     if private and not info.private:
         raise PermissionError(
             f'{repo_id} already exists and is public: nothing was pushed. Make it private on the Hub first, '
             f'or push without --private.'
         )
     if branch:
-        api.create_branch(repo_id, branch=branch, exist_ok=True)
-        info = api.model_info(repo_id, revision=branch)
+        api.create_branch(repo_id, branch=branch, exist_ok=True, repo_type=repo_type)
+        info = api.repo_info(repo_id, revision=branch, repo_type=repo_type)
     return info
-
-
-def _pushed_before(path: str, names: list[str]) -> bool:
-    # what this or an older push (which sent any *.png) may have uploaded and the folder no longer has; files in
-    # subfolders are someone else's
-    return '/' not in path and (path in EXPORT_FILES or path.endswith('.png')) and path not in names
 
 
 @contextlib.contextmanager
@@ -235,13 +286,55 @@ def _stage_upload(folder: Path, stage: Path, model_ref: str, allow_edited_card: 
     return names
 
 
-def _copy_regular(src: Path, dst: Path, shown: Path) -> int:
+def stage_files(folder: Path, names: Sequence[str], stage: Path) -> None:
+    """Copy ``folder/name`` for each name into ``stage``, as regular files only, each read through a descriptor
+    that never follows a link: a symbolic link anywhere on the path (the file, or a subfolder such as ``model/``) or
+    a file with more than one hard link is refused, naming it. What is copied is what a check of ``stage`` sees and
+    what an upload sends, even if the folder changes meanwhile.
+
+    Args:
+        folder: The folder (itself it may be a link: it is resolved once).
+        names: Paths relative to folder, '/'-separated ('app.py', 'model/config.json').
+        stage: An empty private folder.
+    """
+    real = folder.resolve()
+    for name in names:
+        shown = folder / name
+        parent_fd = os.open(real, os.O_RDONLY | getattr(os, 'O_DIRECTORY', 0))
+        try:
+            *dirs, base = name.split('/')
+            for part in dirs:
+                try:
+                    fd = os.open(
+                        part,
+                        os.O_RDONLY | getattr(os, 'O_DIRECTORY', 0) | getattr(os, 'O_NOFOLLOW', 0),
+                        dir_fd=parent_fd,
+                    )
+                except OSError as e:
+                    raise ValueError(
+                        f'{shown}: {part}/ is a link or not a folder ({e.strerror or e}): only files inside '
+                        f'{folder} itself are read.'
+                    ) from None
+                os.close(parent_fd)
+                parent_fd = fd
+            (stage / name).parent.mkdir(parents=True, exist_ok=True)
+            links = _copy_regular(Path(base), stage / name, shown, dir_fd=parent_fd)
+        finally:
+            os.close(parent_fd)
+        if links != 1:
+            raise ValueError(
+                f'{shown}: a hard link ({links} names for one file): only files written for this are '
+                'uploaded, never a link.'
+            )
+
+
+def _copy_regular(src: Path, dst: Path, shown: Path, dir_fd: int | None = None) -> int:
     # O_NOFOLLOW + fstat: what is copied is the regular file that was checked, even if the name changed since;
     # returns its link count, which that same fstat read
     try:
-        fd = os.open(src, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0))
+        fd = os.open(src, os.O_RDONLY | getattr(os, 'O_NOFOLLOW', 0), dir_fd=dir_fd)
     except OSError as e:
-        if src.is_symlink():
+        if e.errno == errno.ELOOP or (dir_fd is None and src.is_symlink()):
             raise ValueError(f'{shown} is a symbolic link: only regular files are pushed.') from e
         raise
     with os.fdopen(fd, 'rb') as f:

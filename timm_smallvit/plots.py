@@ -4,6 +4,7 @@
     save_prediction_grid    images with their true and predicted labels above their attention rollouts
                             (the export's predictions.png)
     save_attention_figure   one image, its last block's attention and its rollout (``smallvit predict --attention``)
+    attention_overlay       one attention map over one image, as the figures draw it, as a PIL image (``smallvit app``)
 
 Figures are drawn on a matplotlib ``Figure`` with its own Agg canvas, not pyplot: no global backend or figure state.
 """
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -24,7 +26,16 @@ from ._files import write_atomically
 from .attention import attention_maps
 from .smallvit import SmallViT
 
-__all__ = ['plot_learning_curve', 'save_attention_figure', 'save_prediction_grid']
+__all__ = [
+    'ATTENTION_OPACITY',
+    'attention_overlay',
+    'plot_learning_curve',
+    'save_attention_figure',
+    'save_prediction_grid',
+]
+
+ATTENTION_OPACITY = 0.55  # how opaque the attention map is over the image in every figure
+ATTENTION_CMAP = 'inferno'
 
 
 def plot_learning_curve(rows: list[dict[str, float]], path: Path, title: str) -> None:
@@ -135,6 +146,36 @@ def save_attention_figure(
     _save_png(fig, path)
 
 
+def attention_overlay(
+    image: Image.Image, attn: torch.Tensor, opacity: float = ATTENTION_OPACITY, size: tuple[int, int] | None = None
+) -> Image.Image:
+    """An attention map drawn over an image as the figures draw it, as an RGB image: the map scaled to 0-1, one cell
+    a patch (nearest), coloured with inferno, blended over the image with ``opacity``.
+
+    Args:
+        image: The image (any mode; 'L' is shown gray).
+        attn: The map at the patch grid (grid_h, grid_w).
+        opacity: 0 shows the image alone, 1 the map alone.
+        size: (width, height) to draw at (default: the image's size); the image is resized with Lanczos.
+    """
+    from matplotlib import colormaps
+
+    w, h = size or image.size
+    base = image.convert('RGB')
+    if base.size != (w, h):
+        base = base.resize((w, h), Image.Resampling.NEAREST if w >= image.width else Image.Resampling.LANCZOS)
+    a = attn.float()
+    a = (a - a.min()) / (a.max() - a.min()).clamp(min=1e-12)
+    colours = colormaps[ATTENTION_CMAP](a.numpy())[..., :3].astype(np.float32)  # one colour a patch, as imshow's
+    gh, gw = a.shape
+    # nearest, as F.interpolate(mode='nearest') picks: output pixel i shows cell floor(i * grid / size)
+    rows = np.arange(h) * gh // h
+    cols = np.arange(w) * gw // w
+    up = colours[rows[:, None], cols[None, :]]
+    blend = (1 - opacity) * (np.asarray(base, dtype=np.float32) / 255) + opacity * up
+    return Image.fromarray(np.round(blend * 255).astype(np.uint8), 'RGB')
+
+
 def _show(ax: Any, image: Image.Image) -> None:
     ax.imshow(image, cmap='gray' if image.mode == 'L' else None, vmin=0, vmax=255)
     ax.set_axis_off()
@@ -146,7 +187,7 @@ def _overlay(ax: Any, attn: torch.Tensor, size: tuple[int, int]) -> None:
     a = (a - a.min()) / (a.max() - a.min()).clamp(min=1e-12)
     w, h = size
     up = F.interpolate(a[None, None], size=(h, w), mode='nearest')[0, 0]
-    ax.imshow(up.numpy(), cmap='inferno', alpha=0.55, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
+    ax.imshow(up.numpy(), cmap=ATTENTION_CMAP, alpha=ATTENTION_OPACITY, extent=(-0.5, w - 0.5, h - 0.5, -0.5))
 
 
 def _save_png(fig: Any, path: Path) -> None:
