@@ -83,36 +83,42 @@ def main() -> None:
     (out / 'results.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
 
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
+    fig, ax = _axes()
     for run in runs:
         points = [(h['tflop'], h.get('top1_single', h['top1'])) for h in run['history'] if 'tflop' in h]
         if points:
-            label = f'{Path(run["recipe"]).stem}, seed {run.get("seed", "?")}, {_compute(run)}'
-            ax.plot(*zip(*points, strict=True), marker='o', markersize=3, label=label)
+            ax.plot(*zip(*points, strict=True), marker='o', markersize=3, label=_label(run))
     ax.axhline(95.0, color='grey', linestyle=':', linewidth=1, label='95.0%')
     ax.set(xlabel='training compute (TFLOP, counted)', ylabel='test top-1, single view (%)', title='Fashion-MNIST')
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out / 'accuracy_vs_tflop.png', dpi=120)
+    _save(fig, ax, out / 'accuracy_vs_tflop.png')
 
-    fig = Figure(figsize=(7, 4.5))
-    ax = fig.subplots()
+    fig, ax = _axes()
     for run in runs:
         minutes = [h['wall_time'] / 60 for h in run['history']]
-        label = f'{Path(run["recipe"]).stem}, seed {run.get("seed", "?")}, {_compute(run)}'
-        line = ax.plot(minutes, [h['top1'] for h in run['history']], marker='o', markersize=3, label=label)
+        line = ax.plot(minutes, [h['top1'] for h in run['history']], marker='o', markersize=3, label=_label(run))
         if 'top1_single' in run['history'][-1]:
             single = [h['top1_single'] for h in run['history']]
             ax.plot(minutes, single, color=line[0].get_color(), linestyle='--', linewidth=1, label='(single view)')
     ax.axvline(BUDGET_S / 60, color='grey', linestyle='--', linewidth=1, label='30 min budget')
     ax.axhline(94.0, color='grey', linestyle=':', linewidth=1, label='94.0% target')
     ax.set(xlabel='training wall time (min), 2 CPU cores', ylabel='test top-1 (%)', title='Fashion-MNIST')
+    _save(fig, ax, out / 'accuracy_vs_time.png')
+
+
+def _axes():
+    fig = Figure(figsize=(7, 4.5))
+    return fig, fig.subplots()
+
+
+def _save(fig: Figure, ax, path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / 'accuracy_vs_time.png', dpi=120)
+    fig.savefig(path, dpi=120)
+
+
+def _label(run: dict) -> str:
+    return f'{Path(run["recipe"]).stem}, seed {run.get("seed", "?")}, {_compute(run)}'
 
 
 def _tflop(row: dict) -> str:
