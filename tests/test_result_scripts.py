@@ -185,3 +185,35 @@ def test_distill_script_trains_a_cnn_teacher_then_a_student_from_its_folder(tmp_
     assert reused[0]['top1'] == results['runs'][0]['top1'] and reused[0]['wall_time'] is None  # from summary.csv
     assert reused[0]['top1_single'] == results['runs'][0]['top1_single']
     assert (out2 / 'teacher' / 'model.safetensors').read_bytes() == (folder / 'model.safetensors').read_bytes()
+
+
+def test_accuracy_vs_tflop_counts_a_runs_compute_as_the_trainer_does(tmp_path, fmnist_src, monkeypatch):
+    from timm_smallvit.recipe import load_recipe, resolve_args
+    from timm_smallvit.trainer import train
+
+    recipe = load_recipe(recipe_path('fashion_mnist_demo'))
+    recipe.update(epochs=2, train_num_samples=512, val_num_samples=128, amp=False)
+    args = resolve_args(recipe, data_dir=str(fmnist_src), output=str(tmp_path), experiment='counted')
+    run = train(args)['output_dir']
+    # the same run as one from before the trainer counted compute: no train_tflop column, no train_* args
+    old = tmp_path / 'old'
+    old.mkdir()
+    args = yaml.safe_load((run / 'args.yaml').read_text())
+    measured = ('train_gflop_per_image', 'train_tflop', 'train_wall_s', 'train_device')
+    (old / 'args.yaml').write_text(yaml.safe_dump({k: v for k, v in args.items() if k not in measured}))
+    rows = read_summary(run / 'summary.csv')
+    header = [k for k in rows[0] if k != 'train_tflop']
+    (old / 'summary.csv').write_text(
+        '\n'.join([','.join(header), *(','.join(str(r[k]) for k in header) for r in rows)]) + '\n'
+    )
+    out = tmp_path / 'out'
+    argv = ['accuracy_vs_tflop.py', str(run), str(old), '--labels', 'counted', 'old', '--out', str(out)]
+    monkeypatch.setattr(sys, 'argv', argv)
+    load_script('accuracy_vs_tflop').main()
+    counted, recounted = json.loads((out / 'results.json').read_text())
+    assert (counted['counted'], recounted['counted']) == ('by the trainer', 'counted now')
+    assert [p['tflop'] for p in recounted['points']] == pytest.approx([p['tflop'] for p in counted['points']])
+    assert [p['tflop'] for p in counted['points']] == pytest.approx([r['train_tflop'] for r in rows])
+    assert counted['points'][-1]['top1'] == rows[-1]['eval_top1']  # no eval_hflip here: one view
+    assert f'| counted | `{args["model"]}` | {args["seed"]} |' in (out / 'results.md').read_text()
+    assert (out / 'accuracy_vs_tflop.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
