@@ -437,6 +437,13 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 PRETRAINED_DIR = Path(__file__).resolve().parent / 'pretrained'
 HF_HUB_NAMESPACE = 'timm-smallvit'  # where `smallvit push` publishes them: hf-hub:timm-smallvit/<name>.<tag>
 PRETRAINED: dict[str, dict[str, Any]] = {
+    'smallvit_tiny_convstem_28.fmnist_600tflop': dict(
+        recipe='fashion_mnist_28_600tflop',
+        top1=94.78,
+        top5=99.04,
+        sha256='217d6a9c6291791daa8713c3666d8c47e6d60fccf43164e253c6a696bf452dc5',
+        first_conv='patch_embed.stem.0.conv',
+    ),
     'smallvit_tiny_convstem_28.fmnist': dict(
         recipe='fashion_mnist_28',
         top1=93.75,
@@ -492,6 +499,8 @@ default_cfgs = generate_default_cfgs(
         'smallvit_small_patch4_32': _cfg(input_size=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD),
         'smallvit_tiny_patch8_64': _cfg(input_size=(1, 64, 64)),
         'smallvit_tiny_patch8_96': _cfg(input_size=(1, 96, 96)),
+        # timm's default tag is the first one listed: the most accurate weights
+        'smallvit_tiny_convstem_28.fmnist_600tflop': _fmnist_cfg('smallvit_tiny_convstem_28.fmnist_600tflop'),
         'smallvit_tiny_convstem_28.fmnist': _fmnist_cfg('smallvit_tiny_convstem_28.fmnist'),
         'smallvit_tiny_convstem_28': _cfg(first_conv='patch_embed.stem.0.conv'),
         'smallvit_medium_convstem_28': _cfg(first_conv='patch_embed.stem.0.conv'),
